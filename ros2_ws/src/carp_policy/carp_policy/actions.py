@@ -1,0 +1,219 @@
+"""Observations, action chunks and rotation conversions shared by every part of the stack.
+
+This module is the contract between the policy, the driver, the recorder and the twin. It imports
+no torch and no rclpy, so a driver or a recorder can use it on a machine without either.
+
+Conventions (DESIGN.md):
+- units SI (m, rad, s), poses in the robot base frame;
+- an action / state vector is ``[x, y, z, r6d_0..r6d_5, gripper]`` (10 numbers): TCP position,
+  rotation6d (the first two *columns* of the rotation matrix, column-major:
+  ``[R00, R10, R20, R01, R11, R21]``, Zhou et al. 2019), gripper opening in metres;
+- rotation vectors at the UR boundary, quaternions ``(x, y, z, w)`` in ROS messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+from scipy.spatial.transform import Rotation
+
+ACTION_DIM = 10
+STATE_DIM = 10
+CHUNK_HORIZON = 16
+CONTROL_RATE_HZ = 10.0
+ACTION_NAMES = ["x", "y", "z", "r6d_0", "r6d_1", "r6d_2", "r6d_3", "r6d_4", "r6d_5", "gripper"]
+STATE_NAMES = list(ACTION_NAMES)
+POS = slice(0, 3)
+ROT6D = slice(3, 9)
+GRIPPER = 9
+
+
+# ----------------------------------------------------------------------------- rotations
+def matrix_to_rot6d(mat: np.ndarray) -> np.ndarray:
+    """(..., 3, 3) rotation matrices -> (..., 6) rotation6d (first two columns, column-major)."""
+    mat = np.asarray(mat, dtype=np.float64)
+    return np.concatenate([mat[..., :, 0], mat[..., :, 1]], axis=-1)
+
+
+def rot6d_to_matrix(r6d: np.ndarray) -> np.ndarray:
+    """(..., 6) rotation6d -> (..., 3, 3) rotation matrices by Gram-Schmidt (tolerates non-unit input)."""
+    r6d = np.asarray(r6d, dtype=np.float64)
+    a1, a2 = r6d[..., 0:3], r6d[..., 3:6]
+    n1 = np.linalg.norm(a1, axis=-1, keepdims=True)
+    if np.any(n1 < 1e-8):
+        raise ValueError("degenerate rotation6d: first column has zero length")
+    b1 = a1 / n1
+    b2 = a2 - np.sum(b1 * a2, axis=-1, keepdims=True) * b1
+    n2 = np.linalg.norm(b2, axis=-1, keepdims=True)
+    if np.any(n2 < 1e-8):
+        raise ValueError("degenerate rotation6d: columns are parallel")
+    b2 = b2 / n2
+    b3 = np.cross(b1, b2)
+    return np.stack([b1, b2, b3], axis=-1)
+
+
+def rot6d_to_rotvec(r6d: np.ndarray) -> np.ndarray:
+    """(..., 6) rotation6d -> (..., 3) rotation vector (axis * angle, rad), the UR convention."""
+    r6d = np.asarray(r6d)
+    mats = rot6d_to_matrix(r6d.reshape(-1, 6))
+    return Rotation.from_matrix(mats).as_rotvec().reshape(*r6d.shape[:-1], 3)
+
+
+def rotvec_to_rot6d(rotvec: np.ndarray) -> np.ndarray:
+    """(..., 3) rotation vector -> (..., 6) rotation6d."""
+    rotvec = np.asarray(rotvec, dtype=np.float64)
+    mats = Rotation.from_rotvec(rotvec.reshape(-1, 3)).as_matrix()
+    return matrix_to_rot6d(mats).reshape(*rotvec.shape[:-1], 6)
+
+
+def rot6d_to_quat(r6d: np.ndarray) -> np.ndarray:
+    """(..., 6) rotation6d -> (..., 4) quaternion (x, y, z, w), the ROS convention."""
+    r6d = np.asarray(r6d)
+    mats = rot6d_to_matrix(r6d.reshape(-1, 6))
+    return Rotation.from_matrix(mats).as_quat().reshape(*r6d.shape[:-1], 4)
+
+
+def quat_to_rot6d(quat: np.ndarray) -> np.ndarray:
+    """(..., 4) quaternion (x, y, z, w) -> (..., 6) rotation6d."""
+    quat = np.asarray(quat, dtype=np.float64)
+    mats = Rotation.from_quat(quat.reshape(-1, 4)).as_matrix()
+    return matrix_to_rot6d(mats).reshape(*quat.shape[:-1], 6)
+
+
+def pose_to_vector(position: np.ndarray, rotation: np.ndarray, gripper: float) -> np.ndarray:
+    """Position (3,), rotation matrix (3, 3), gripper opening -> the 10-number state/action vector."""
+    return np.concatenate([np.asarray(position, np.float64), matrix_to_rot6d(rotation), [gripper]])
+
+
+def rotation_error_deg(r6d_a: np.ndarray, r6d_b: np.ndarray) -> np.ndarray:
+    """Geodesic angle in degrees between two batches of rotation6d, shape (...)."""
+    ra, rb = rot6d_to_matrix(r6d_a), rot6d_to_matrix(r6d_b)
+    rel = np.einsum("...ji,...jk->...ik", ra, rb)
+    cos = np.clip((np.trace(rel, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
+    return np.degrees(np.arccos(cos))
+
+
+# ----------------------------------------------------------------------------- data types
+@dataclass
+class Observation:
+    """What a policy sees at one decision time.
+
+    state:  (O, STATE_DIM) float, oldest first, the last row is "now" (a (STATE_DIM,) array is O=1).
+    images: camera name -> (O, H, W, 3) uint8 RGB, oldest first (an (H, W, 3) array is O=1).
+    timestamp: time of the newest sample, seconds (sim time in the twin, ROS time on the robot).
+    """
+
+    state: np.ndarray
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    timestamp: float = 0.0
+
+    def with_horizon(self) -> Observation:
+        """Return a copy with explicit leading time axes on state and images."""
+        state = np.asarray(self.state)
+        if state.ndim == 1:
+            state = state[None]
+        images = {}
+        for k, v in self.images.items():
+            v = np.asarray(v)
+            images[k] = v[None] if v.ndim == 3 else v
+        return Observation(state=state, images=images, timestamp=self.timestamp)
+
+
+@dataclass
+class ActionChunk:
+    """A chunk of future actions computed from one observation.
+
+    actions: (H, ACTION_DIM) float64 in physical units; step i is meant for time
+             ``timestamp + (i + 1) * dt`` (step 0 is the first target after the observation).
+    timestamp: time of the observation the chunk was computed from.
+    dt: seconds between steps (1 / control rate).
+    latency_s: measured inference time (observation in -> chunk out), for reporting.
+    """
+
+    actions: np.ndarray
+    timestamp: float = 0.0
+    dt: float = 1.0 / CONTROL_RATE_HZ
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.actions = np.asarray(self.actions, dtype=np.float64)
+        if self.actions.ndim != 2 or self.actions.shape[1] != ACTION_DIM:
+            raise ValueError(f"ActionChunk.actions must be (H, {ACTION_DIM}), got {self.actions.shape}")
+        if not np.all(np.isfinite(self.actions)):
+            bad = np.argwhere(~np.isfinite(self.actions))[0]
+            raise ValueError(f"ActionChunk has a non-finite value at step {bad[0]}, dim {ACTION_NAMES[bad[1]]}")
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """(H, 3) TCP positions, m."""
+        return self.actions[:, POS]
+
+    @property
+    def rotvecs(self) -> np.ndarray:
+        """(H, 3) TCP orientations as rotation vectors (UR convention)."""
+        return rot6d_to_rotvec(self.actions[:, ROT6D])
+
+    @property
+    def quaternions(self) -> np.ndarray:
+        """(H, 4) TCP orientations as quaternions (x, y, z, w) (ROS convention)."""
+        return rot6d_to_quat(self.actions[:, ROT6D])
+
+    @property
+    def matrices(self) -> np.ndarray:
+        """(H, 3, 3) TCP orientations as rotation matrices."""
+        return rot6d_to_matrix(self.actions[:, ROT6D])
+
+    @property
+    def gripper(self) -> np.ndarray:
+        """(H,) gripper openings, m."""
+        return self.actions[:, GRIPPER]
+
+    def step_times(self) -> np.ndarray:
+        """(H,) absolute times the steps are meant for."""
+        return self.timestamp + self.dt * np.arange(1, len(self.actions) + 1)
+
+    def ur_poses(self) -> np.ndarray:
+        """(H, 6) poses as UR expects them: [x, y, z, rx, ry, rz]."""
+        return np.concatenate([self.positions, self.rotvecs], axis=1)
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What every policy family (CARP, CoA, DP-C, the scripted expert) and engine exposes."""
+
+    obs_horizon: int
+    cameras: tuple[str, ...]
+
+    def reset(self) -> None:
+        """Forget any internal state (call at the start of an episode)."""
+
+    def predict(self, observation: Observation) -> ActionChunk:
+        """Observation (O steps of state and images) -> a chunk of H actions in physical units."""
+        ...
+
+
+class ObservationHistory:
+    """Keeps the last ``horizon`` observations and stacks them for a policy (edge-padded at start)."""
+
+    def __init__(self, horizon: int) -> None:
+        if horizon < 1:
+            raise ValueError("observation horizon must be >= 1")
+        self.horizon = horizon
+        self._items: list[Observation] = []
+
+    def reset(self) -> None:
+        self._items.clear()
+
+    def push(self, obs: Observation) -> Observation:
+        """Add the newest single-step observation and return the stacked one."""
+        self._items.append(obs)
+        del self._items[: -self.horizon]
+        items = [self._items[0]] * (self.horizon - len(self._items)) + self._items
+        state = np.stack([np.asarray(o.state).reshape(-1) for o in items])
+        images = {k: np.stack([o.images[k] for o in items]) for k in obs.images}
+        return Observation(state=state, images=images, timestamp=obs.timestamp)

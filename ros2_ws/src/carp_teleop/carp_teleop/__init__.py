@@ -1,0 +1,1 @@
+"""carp_teleop: SpaceMouse reader, teleoperation node and demonstration recorder node."""

@@ -1,0 +1,28 @@
+import os
+from glob import glob
+
+from setuptools import find_packages, setup
+
+package_name = "carp_teleop"
+
+setup(
+    name=package_name,
+    version="0.1.0",
+    packages=find_packages(exclude=["test"]),
+    package_data={},
+    data_files=[
+        ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
+        ("share/" + package_name, ["package.xml"]),
+    ],
+    install_requires=["setuptools"],
+    zip_safe=True,
+    maintainer="CARP maintainers",
+    maintainer_email="maintainers@carp-robot.dev",
+    description="SpaceMouse reader, teleoperation node and demonstration recorder node.",
+    license="Apache-2.0",
+    entry_points={
+        "console_scripts": [
+
+        ],
+    },
+)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Creates .venv with everything the stack needs and installs the ROS 2 packages editable.
+# Idempotent: a stamp file records what was installed; re-running with nothing changed is a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+VENV=${VENV:-$ROOT/.venv}
+PKGS=(carp_policy carp_sim carp_hardware carp_teleop carp_bringup)
+
+stamp_input() {
+  cat requirements.txt scripts/bootstrap.sh
+  for p in "${PKGS[@]}"; do cat "ros2_ws/src/$p/setup.py"; done
+}
+want=$(stamp_input | sha256sum | cut -d' ' -f1)
+if [ -f "$VENV/.carp-stamp" ] && [ "$(cat "$VENV/.carp-stamp")" = "$want" ]; then
+  exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[bootstrap] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
+# torch 2.14.1 + torchvision 0.29.1: a CUDA build that also runs on CPU (code stays compatible with torch 2.11).
+echo "[bootstrap] installing torch (first run takes a few minutes)"
+pip install -q "torch==2.14.1" "torchvision==0.29.1"
+echo "[bootstrap] installing requirements"
+pip install -q -r requirements.txt
+echo "[bootstrap] installing the workspace packages (editable)"
+args=()
+for p in "${PKGS[@]}"; do args+=(-e "ros2_ws/src/$p"); done
+pip install -q --no-deps "${args[@]}"
+echo "$want" > "$VENV/.carp-stamp"
+echo "[bootstrap] ready: $VENV"
