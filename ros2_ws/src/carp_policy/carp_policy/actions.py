@@ -89,10 +89,11 @@ def pose_to_vector(position: np.ndarray, rotation: np.ndarray, gripper: float) -
 
 def rotation_error_deg(r6d_a: np.ndarray, r6d_b: np.ndarray) -> np.ndarray:
     """Geodesic angle in degrees between two batches of rotation6d, shape (...)."""
-    ra, rb = rot6d_to_matrix(r6d_a), rot6d_to_matrix(r6d_b)
-    rel = np.einsum("...ji,...jk->...ik", ra, rb)
-    cos = np.clip((np.trace(rel, axis1=-2, axis2=-1) - 1.0) / 2.0, -1.0, 1.0)
-    return np.degrees(np.arccos(cos))
+    r6d_a, r6d_b = np.broadcast_arrays(np.asarray(r6d_a, np.float64), np.asarray(r6d_b, np.float64))
+    ra, rb = rot6d_to_matrix(r6d_a.reshape(-1, 6)), rot6d_to_matrix(r6d_b.reshape(-1, 6))
+    rel = np.einsum("nji,njk->nik", ra, rb)
+    # scipy's magnitude is accurate near zero, unlike arccos((trace - 1) / 2)
+    return np.degrees(Rotation.from_matrix(rel).magnitude()).reshape(r6d_a.shape[:-1])
 
 
 # ----------------------------------------------------------------------------- data types
@@ -143,7 +144,9 @@ class ActionChunk:
             raise ValueError(f"ActionChunk.actions must be (H, {ACTION_DIM}), got {self.actions.shape}")
         if not np.all(np.isfinite(self.actions)):
             bad = np.argwhere(~np.isfinite(self.actions))[0]
-            raise ValueError(f"ActionChunk has a non-finite value at step {bad[0]}, dim {ACTION_NAMES[bad[1]]}")
+            raise ValueError(
+                f"ActionChunk has a non-finite value at step {bad[0]}, dim {ACTION_NAMES[bad[1]]}"
+            )
 
     def __len__(self) -> int:
         return len(self.actions)

@@ -1,0 +1,335 @@
+"""The N-trial evaluation protocol (`carp-eval`).
+
+observation -> policy -> execute the first ``execute_steps`` of the chunk -> re-plan, with the
+policy's real inference time accounted for: while the policy thinks, the world moves on (the cell
+holds its last target) and chunk steps whose time has already passed are dropped, exactly as the
+driver does on the robot.
+
+The loop only talks to a :class:`Cell` (reset/step/hold/observe/outcome), so the same protocol
+drives the MuJoCo twin today and the real cell later (where an operator resets the scene and
+confirms success).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from carp_policy.actions import ActionChunk, Observation, ObservationHistory, Policy
+
+
+class Cell(Protocol):
+    """What the protocol needs from a cell (the twin's SimCell, or the real cell with an operator)."""
+
+    time: float
+    max_duration_s: float
+    done: bool
+
+    def reset(self, seed: int) -> Observation: ...
+    def step(self, action: np.ndarray) -> Observation: ...
+    def hold(self, seconds: float) -> None: ...
+    def outcome(self): ...  # -> object with .success: bool and .reason: str
+
+
+@dataclass
+class EvalConfig:
+    """Settings of one evaluation run."""
+
+    task: str = "cup"
+    trials: int = 20
+    seed: int = 10_000  # trial i uses seed + i; keep it away from the data-collection seeds
+    execute_steps: int = 8  # of the 16 predicted steps, execute this many, then re-plan
+    account_latency: bool = True  # let sim time pass while the policy computes
+    videos: int = 2  # rollout MP4s for the first N trials
+    video_size: tuple[int, int] = (240, 320)
+
+
+@dataclass
+class TrialResult:
+    seed: int
+    success: bool
+    reason: str
+    steps: int
+    duration_s: float
+    plans: int
+    latency_ms: list[float] = field(default_factory=list)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def run_trial(
+    cell: Cell,
+    policy: Policy,
+    seed: int,
+    cfg: EvalConfig,
+    frames: list[np.ndarray] | None = None,
+) -> TrialResult:
+    """Run one closed-loop episode and return its outcome. Appends video frames if a list is given."""
+    obs = cell.reset(seed)
+    policy.reset()
+    history = ObservationHistory(policy.obs_horizon)
+    stacked = history.push(obs)
+    latencies: list[float] = []
+    steps = plans = 0
+
+    def grab() -> None:
+        if frames is not None:
+            frames.append(cell.render_video_frame(*cfg.video_size))
+
+    grab()
+    while not cell.done and cell.time < cell.max_duration_s:
+        t0 = time.perf_counter()
+        chunk: ActionChunk = policy.predict(stacked)
+        latency = time.perf_counter() - t0
+        latencies.append(latency * 1e3)
+        plans += 1
+        if cfg.account_latency:
+            cell.hold(latency)
+        # Latency compensation: steps meant for a time that has already passed are dropped.
+        first = int(np.searchsorted(chunk.step_times(), cell.time + 1e-9))
+        todo = chunk.actions[first : first + cfg.execute_steps]
+        if len(todo) == 0:  # the whole chunk is stale: re-plan from a fresh observation
+            continue
+        for action in todo:
+            obs = cell.step(action)
+            stacked = history.push(obs)
+            steps += 1
+            grab()
+            if cell.done or cell.time >= cell.max_duration_s:
+                break
+    outcome = cell.outcome()
+    return TrialResult(
+        seed=seed,
+        success=bool(outcome.success),
+        reason=str(outcome.reason),
+        steps=steps,
+        duration_s=float(cell.time),
+        plans=plans,
+        latency_ms=latencies,
+    )
+
+
+def load_policy(spec: str, device: str = "cpu") -> Policy:
+    """A trained run directory, an exported model directory, or a released model name."""
+    from carp_policy import load_policy as _load
+
+    return _load(spec, device=device)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).parent,
+            text=True,
+            stderr=subprocess.DEVNULL,
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def summarize(results: list[TrialResult], cfg: EvalConfig, policy_name: str) -> dict:
+    """The results.json payload: success with a Wilson interval, per-trial outcomes, latency percentiles."""
+    n = len(results)
+    k = sum(r.success for r in results)
+    lat = np.array([x for r in results for x in r.latency_ms]) if results else np.zeros(0)
+    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+    reasons: dict[str, int] = {}
+    for r in results:
+        reasons[r.reason] = reasons.get(r.reason, 0) + 1
+    return {
+        "task": cfg.task,
+        "policy": policy_name,
+        "trials": n,
+        "successes": k,
+        "success_rate": k / n if n else 0.0,
+        "wilson_95": list(wilson_interval(k, n)),
+        "outcomes": reasons,
+        "mean_episode_s": float(np.mean([r.duration_s for r in results])) if results else 0.0,
+        "latency_ms": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "count": len(lat)},
+        "config": asdict(cfg),
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+        },
+        "commit": _git_commit(),
+        "per_trial": [
+            {k2: v for k2, v in asdict(r).items() if k2 != "latency_ms"}
+            | {"latency_ms_p50": float(np.median(r.latency_ms)) if r.latency_ms else None}
+            for r in results
+        ],
+    }
+
+
+def plot_summary(summary: dict, results: list[TrialResult], path: Path) -> None:
+    """One-page PNG: per-trial outcomes, failure reasons, latency histogram, episode lengths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    lo, hi = summary["wilson_95"]
+    fig.suptitle(
+        f"{summary['task']} | {summary['policy']} | success {summary['successes']}/{summary['trials']} "
+        f"({100 * summary['success_rate']:.0f}%, 95% CI {100 * lo:.0f}-{100 * hi:.0f}%)"
+    )
+    ax = axes[0, 0]
+    colors = ["tab:green" if r.success else "tab:red" for r in results]
+    ax.bar(range(len(results)), [r.duration_s for r in results], color=colors)
+    ax.set(xlabel="trial", ylabel="episode length (s)", title="trials (green = success)")
+    ax = axes[0, 1]
+    names = list(summary["outcomes"])
+    ax.barh(names, [summary["outcomes"][n] for n in names], color="tab:blue")
+    ax.set(xlabel="trials", title="outcome")
+    ax = axes[1, 0]
+    lat = [x for r in results for x in r.latency_ms]
+    if lat:
+        ax.hist(lat, bins=40, color="tab:purple")
+    lm = summary["latency_ms"]
+    ax.set(
+        xlabel="policy latency (ms)",
+        ylabel="chunks",
+        title=f"latency p50 {lm['p50']:.1f} / p90 {lm['p90']:.1f} / p99 {lm['p99']:.1f} ms",
+    )
+    ax = axes[1, 1]
+    ax.axis("off")
+    rows = [
+        [str(r.seed), "yes" if r.success else "no", r.reason, f"{r.duration_s:.1f}"] for r in results[:20]
+    ]
+    if rows:
+        table = ax.table(cellText=rows, colLabels=["seed", "success", "reason", "s"], loc="center")
+        table.auto_set_font_size(False)
+        table.set_fontsize(7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_mp4(frames: list[np.ndarray], path: Path, fps: float = 10.0) -> None:
+    """Encode RGB frames (H, W, 3) uint8 to an H.264 MP4 with PyAV."""
+    import av
+
+    h, w = frames[0].shape[:2]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=round(fps))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": "23"}
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", sim_config=None) -> dict:
+    """Run ``cfg.trials`` trials in the twin and write results.json, summary.png and rollout MP4s."""
+    from tqdm import tqdm
+
+    from carp_sim.env import SimCell, SimConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    cell = SimCell(task=cfg.task, config=sim_config or SimConfig())
+    is_expert = policy_spec == "expert"
+    policy = None if is_expert else load_policy(policy_spec, device=device)
+    results: list[TrialResult] = []
+    bar = tqdm(range(cfg.trials), desc=f"eval {cfg.task}", unit="trial")
+    try:
+        for i in bar:
+            seed = cfg.seed + i
+            if is_expert:
+                from carp_sim.expert import make_expert
+
+                policy = make_expert(cell, seed)
+            frames: list[np.ndarray] | None = [] if i < cfg.videos else None
+            r = run_trial(cell, policy, seed, cfg, frames)
+            results.append(r)
+            if frames:
+                write_mp4(frames, out / f"rollout_{i:02d}_seed{seed}_{'ok' if r.success else 'fail'}.mp4")
+            k = sum(x.success for x in results)
+            bar.set_postfix(success=f"{k}/{len(results)}", last=r.reason)
+    finally:
+        cell.close()
+    summary = summarize(results, cfg, policy_spec)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    plot_summary(summary, results, out / "summary.png")
+    return summary
+
+
+def print_summary(summary: dict, out: Path) -> None:
+    lo, hi = summary["wilson_95"]
+    lm = summary["latency_ms"]
+    print(
+        f"\n{summary['task']} with {summary['policy']}: {summary['successes']}/{summary['trials']} succeeded "
+        f"({100 * summary['success_rate']:.0f}%, Wilson 95% CI {100 * lo:.0f}-{100 * hi:.0f}%)"
+    )
+    print("outcomes: " + ", ".join(f"{k}: {v}" for k, v in summary["outcomes"].items()))
+    print(f"policy latency per chunk: p50 {lm['p50']:.2f} ms, p90 {lm['p90']:.2f} ms, p99 {lm['p99']:.2f} ms")
+    print(f"mean episode {summary['mean_episode_s']:.1f} s; results in {out}/results.json, {out}/summary.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="carp-eval", description="Evaluate a policy on a task in the MuJoCo twin."
+    )
+    p.add_argument("--task", default="cup", help="task name (cup, bowl)")
+    p.add_argument(
+        "--policy",
+        required=True,
+        help="'expert', a training run dir, an exported model dir, or a released model (models/NAME)",
+    )
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--seed", type=int, default=10_000, help="trial i uses seed+i (keep away from data seeds)")
+    p.add_argument(
+        "--execute-steps", type=int, default=8, help="steps of each 16-step chunk executed before re-planning"
+    )
+    p.add_argument("--videos", type=int, default=2, help="write rollout MP4s for the first N trials")
+    p.add_argument(
+        "--no-latency", action="store_true", help="freeze sim time during inference (debugging only)"
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    if a.trials < 1:
+        p.error("--trials must be >= 1")
+    if not 1 <= a.execute_steps <= 16:
+        p.error("--execute-steps must be in 1..16")
+    cfg = EvalConfig(
+        task=a.task,
+        trials=a.trials,
+        seed=a.seed,
+        execute_steps=a.execute_steps,
+        account_latency=not a.no_latency,
+        videos=a.videos,
+    )
+    try:
+        summary = evaluate(cfg, a.policy, a.out, device=a.device)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"carp-eval: error: {e}", file=sys.stderr)
+        return 2
+    print_summary(summary, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The shared contract: rotation conversions, ActionChunk checks, observation history."""
+
+import numpy as np
+import pytest
+from scipy.spatial.transform import Rotation
+
+from carp_policy.actions import (
+    ActionChunk,
+    Observation,
+    ObservationHistory,
+    matrix_to_rot6d,
+    quat_to_rot6d,
+    rot6d_to_matrix,
+    rot6d_to_quat,
+    rot6d_to_rotvec,
+    rotation_error_deg,
+    rotvec_to_rot6d,
+)
+
+
+def test_rot6d_round_trips_through_every_representation():
+    rots = Rotation.random(200, random_state=0)
+    r6d = matrix_to_rot6d(rots.as_matrix())
+    np.testing.assert_allclose(rot6d_to_matrix(r6d), rots.as_matrix(), atol=1e-12)
+    back = Rotation.from_rotvec(rot6d_to_rotvec(r6d))
+    assert np.all(rotation_error_deg(matrix_to_rot6d(back.as_matrix()), r6d) < 1e-6)
+    np.testing.assert_allclose(rotvec_to_rot6d(rots.as_rotvec()), r6d, atol=1e-12)
+    q = rot6d_to_quat(r6d)
+    np.testing.assert_allclose(np.abs(np.sum(q * rots.as_quat(), axis=1)), 1.0, atol=1e-12)  # q and -q agree
+    np.testing.assert_allclose(quat_to_rot6d(q), r6d, atol=1e-12)
+
+
+def test_rot6d_is_reorthonormalised_and_degenerate_input_is_refused():
+    r6d = matrix_to_rot6d(np.eye(3)) + np.array([0.05, -0.02, 0.0, 0.01, 0.03, -0.04])
+    mat = rot6d_to_matrix(r6d)
+    np.testing.assert_allclose(mat.T @ mat, np.eye(3), atol=1e-12)
+    assert np.isclose(np.linalg.det(mat), 1.0)
+    with pytest.raises(ValueError, match="parallel"):
+        rot6d_to_matrix(np.array([1.0, 0, 0, 2.0, 0, 0]))
+
+
+def test_rotation_error_matches_known_angle():
+    a = matrix_to_rot6d(np.eye(3))
+    b = matrix_to_rot6d(Rotation.from_euler("z", 30, degrees=True).as_matrix())
+    assert rotation_error_deg(a, b) == pytest.approx(30.0)
+
+
+def test_action_chunk_conversions_and_timing():
+    acts = np.zeros((16, 10))
+    acts[:, 0] = np.linspace(0.3, 0.45, 16)
+    acts[:, 3:9] = matrix_to_rot6d(Rotation.from_euler("x", 180, degrees=True).as_matrix())
+    acts[:, 9] = 0.085
+    chunk = ActionChunk(acts, timestamp=2.0, dt=0.1)
+    assert chunk.ur_poses().shape == (16, 6)
+    np.testing.assert_allclose(np.linalg.norm(chunk.rotvecs, axis=1), np.pi, atol=1e-9)
+    np.testing.assert_allclose(chunk.step_times()[[0, -1]], [2.1, 3.6])
+    assert chunk.quaternions.shape == (16, 4)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((16, 9)), np.zeros(10)])
+def test_action_chunk_rejects_wrong_shapes(bad):
+    with pytest.raises(ValueError, match="must be"):
+        ActionChunk(bad)
+
+
+def test_action_chunk_rejects_nan_and_names_the_dimension():
+    acts = np.zeros((16, 10))
+    acts[:, 3] = acts[:, 7] = 1.0
+    acts[5, 9] = np.nan
+    with pytest.raises(ValueError, match="step 5, dim gripper"):
+        ActionChunk(acts)
+
+
+def test_observation_history_pads_with_first_and_keeps_last():
+    hist = ObservationHistory(2)
+    o1 = Observation(state=np.full(10, 1.0), images={"wrist": np.full((4, 5, 3), 1, np.uint8)}, timestamp=0.1)
+    o2 = Observation(state=np.full(10, 2.0), images={"wrist": np.full((4, 5, 3), 2, np.uint8)}, timestamp=0.2)
+    o3 = Observation(state=np.full(10, 3.0), images={"wrist": np.full((4, 5, 3), 3, np.uint8)}, timestamp=0.3)
+    s = hist.push(o1)
+    assert s.state.shape == (2, 10) and np.all(s.state == 1.0) and s.images["wrist"].shape == (2, 4, 5, 3)
+    hist.push(o2)
+    s = hist.push(o3)
+    assert s.state[:, 0].tolist() == [2.0, 3.0] and s.timestamp == 0.3
+    assert s.images["wrist"][:, 0, 0, 0].tolist() == [2, 3]
