@@ -1,0 +1,166 @@
+"""Configuration of the CARP policy and its training: dataclasses, loadable from and saved to YAML.
+
+One ``CarpConfig`` holds everything a run needs; ``configs/state.yaml`` and ``configs/visual.yaml``
+are the two shipped variants. Unknown keys are an error (a typo must not silently fall back to a
+default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class TokenizerConfig:
+    """Multi-scale action VQ-VAE (stage 1)."""
+
+    action_dim: int = 10  # D: one VQ-VAE per action dimension
+    horizon: int = 16  # H: action chunk length
+    latent_len: int = 4  # L: temporal feature length after the encoder (H / 4)
+    code_dim: int = 8  # C: feature / codebook entry size
+    codebook_size: int = 512  # V: codebook entries per dimension, shared across scales
+    scales: tuple[int, ...] = (1, 2, 3, 4)  # token-map lengths, coarse to fine; the last must be L
+    hidden: int = 16  # channels per dimension inside encoder / decoder
+    beta: float = 0.25  # commitment weight
+    phi_ratio: float = 0.5  # phi_k(x) = (1 - r) x + r conv(x), as in VAR
+    revive_every: int = 200  # training steps between dead-code re-initialisations (0: never)
+
+
+@dataclass
+class EncoderConfig:
+    """Observation encoder: ``state`` (MLP) or ``visual`` (ResNet-18 per camera + proprioception)."""
+
+    kind: str = "state"  # "state" | "visual"
+    obs_horizon: int = 2  # O: observation steps the policy sees
+    state_dim: int = 10
+    cameras: tuple[str, ...] = ()  # visual only, e.g. ("wrist", "scene")
+    image_size: tuple[int, int] = (120, 160)  # (H, W) of incoming frames
+    crop_size: tuple[int, int] = (108, 144)  # random crop in training, center crop at eval
+    resnet_width: int = 32  # channels of the first ResNet stage (64 = torchvision's full width)
+    keypoints: int = 32  # spatial-softmax keypoints per camera
+    pretrained_path: str | None = None  # optional trunk state dict (full width only); never required
+    hidden: int = 256  # MLP width of the state encoder / fusion MLP
+    out_dim: int = 128  # observation embedding size (= transformer conditioning size)
+
+
+@dataclass
+class TransformerConfig:
+    """GPT-2-style coarse-to-fine transformer (stage 2)."""
+
+    depth: int = 8
+    width: int = 64
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Training loop of both stages (CPU-friendly defaults, overridable from the command line)."""
+
+    batch_size: int = 64
+    tokenizer_steps: int = 2000
+    policy_steps: int = 5000
+    tokenizer_lr: float = 1e-3
+    policy_lr: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    ema_decay: float = 0.995
+    checkpoint_every: int = 500
+    log_every: int = 10
+    val_fraction: float = 0.1
+    val_batches: int = 8  # batches of held-out windows for the end-of-stage reports
+    num_workers: int = 0
+    seed: int = 0
+
+
+@dataclass
+class CarpConfig:
+    """Everything that defines a CARP policy and how it is trained."""
+
+    name: str = "carp_state"
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        tok = self.tokenizer
+        if tok.scales[-1] != tok.latent_len:
+            raise ValueError(f"tokenizer.scales must end at latent_len={tok.latent_len}, got {tok.scales}")
+        if tok.horizon != 4 * tok.latent_len:
+            raise ValueError("tokenizer.horizon must be 4 x latent_len (two stride-2 convolutions)")
+        if self.encoder.kind not in ("state", "visual"):
+            raise ValueError(f"encoder.kind must be 'state' or 'visual', got {self.encoder.kind!r}")
+        if self.encoder.kind == "visual" and not self.encoder.cameras:
+            raise ValueError("a visual encoder needs at least one camera in encoder.cameras")
+        if self.transformer.width % self.transformer.heads:
+            raise ValueError("transformer.width must be divisible by transformer.heads")
+
+    # ------------------------------------------------------------------ YAML
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists) for YAML."""
+
+        def plain(v: Any) -> Any:
+            if isinstance(v, tuple | list):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return plain(dataclasses.asdict(self))
+
+    def save(self, path: str | Path) -> None:
+        """Write the resolved config as YAML."""
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CarpConfig:
+        """Build from a nested dict; unknown keys raise ValueError naming them."""
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(sections)
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in d.items():
+            sub = {
+                "tokenizer": TokenizerConfig,
+                "encoder": EncoderConfig,
+                "transformer": TransformerConfig,
+                "train": TrainConfig,
+            }.get(name)
+            kwargs[name] = _build(sub, value or {}, name) if sub else value
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CarpConfig:
+        """Load a YAML file, or a shipped variant by name (``state``, ``visual``)."""
+        p = Path(path)
+        if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+            p = CONFIG_DIR / f"{path}.yaml"
+        if not p.exists():
+            raise FileNotFoundError(f"config not found: {path} (shipped: state, visual)")
+        return cls.from_dict(yaml.safe_load(p.read_text()) or {})
+
+
+def _build(cls: type, d: dict[str, Any], section: str) -> Any:
+    """Dataclass from dict, converting lists to tuples where the default is a tuple."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(d) - set(fields)
+    if unknown:
+        raise ValueError(f"unknown keys in config section '{section}': {sorted(unknown)}")
+    defaults = cls()
+    out = {}
+    for k, v in d.items():
+        if isinstance(getattr(defaults, k), tuple) and isinstance(v, list):
+            v = tuple(v)
+        out[k] = v
+    return cls(**out)
