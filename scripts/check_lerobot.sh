@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Checks that a dataset written by carp_policy.dataset loads in LeRobot's own LeRobotDataset.
+# Not run by CI: it builds a side venv (~2.3 GB, a few minutes) because lerobot pins its own torch.
+#   scripts/check_lerobot.sh            # build the side venv if needed, write a dataset, load it
+# Env: LEROBOT_VENV (default /tmp/lerobot-venv), TORCH_WHEEL (local torch 2.13.0 CPU wheel).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+LV=${LEROBOT_VENV:-/tmp/lerobot-venv}
+TORCH_WHEEL=${TORCH_WHEEL:-/opt/wheels/torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl}
+PY=${PYTHON:-python3.11}
+DATA=${DATA_DIR:-/tmp/carp-lerobot-check}
+
+if [ ! -f "$LV/.ready" ]; then
+  echo "[check_lerobot] building side venv in $LV"
+  "$PY" -m venv "$LV"
+  pip() { "$LV/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+  pip install "$TORCH_WHEEL"
+  pip install --no-deps "lerobot==0.4.4"
+  # lerobot's own requirements, minus the torch stack it would pull from the index.
+  "$LV/bin/python" - > /tmp/lerobot-reqs.txt <<'PYEOF'
+from importlib.metadata import requires
+skip = ("torch", "torchvision", "torchcodec")
+for r in requires("lerobot") or []:
+    if "extra ==" in r:
+        continue
+    name = r.split(";")[0].strip()
+    base = name.replace(">", " ").replace("<", " ").replace("=", " ").replace("!", " ").replace("~", " ").replace("[", " ").split()[0]
+    if base.lower() not in skip:
+        print(name)
+PYEOF
+  pip install -r /tmp/lerobot-reqs.txt
+  pip install --no-deps "torchvision==0.28.0" "torchcodec==0.13.0"
+  touch "$LV/.ready"
+fi
+
+echo "[check_lerobot] writing a small dataset with carp_policy.dataset into $DATA"
+rm -rf "$DATA"
+"$ROOT/.venv/bin/python" - "$DATA" <<'PYEOF'
+import sys
+import numpy as np
+from carp_policy.actions import ACTION_NAMES, STATE_NAMES
+from carp_policy.dataset import DatasetWriter
+
+root = sys.argv[1]
+rng = np.random.default_rng(0)
+with DatasetWriter(root, fps=10.0, cameras={"wrist": (96, 128), "scene": (96, 128)},
+                   state_names=STATE_NAMES, action_names=ACTION_NAMES, robot_type="ur5e") as w:
+    for ep, task in enumerate(["pick up the cup", "put the cup in the bowl", "pick up the cup"]):
+        w.begin_episode(task=task)
+        for t in range(20 + 5 * ep):
+            img = np.zeros((96, 128, 3), np.uint8)
+            img[..., 0] = 10 * t % 255
+            img[10 + t : 30 + t, 20:60] = (200, 50, 30)
+            w.add_frame(0.1 * t, {"wrist": img, "scene": img[:, ::-1].copy()},
+                        rng.normal(size=10).astype(np.float32), rng.normal(size=10).astype(np.float32))
+        w.save_episode(success=True, metadata={"operator": "check"})
+print("written", root)
+PYEOF
+
+echo "[check_lerobot] loading it with lerobot's LeRobotDataset"
+AVLIBS=$("$LV/bin/python" -c "import av, os; print(os.path.join(os.path.dirname(av.__file__), '..', 'av.libs'))" 2>/dev/null || true)
+if [ -z "$AVLIBS" ] || [ ! -d "$AVLIBS" ]; then
+  AVLIBS=$("$ROOT/.venv/bin/python" -c "import av, os; print(os.path.join(os.path.dirname(av.__file__), '..', 'av.libs'))")
+fi
+export LD_LIBRARY_PATH="$(realpath "$AVLIBS"):${LD_LIBRARY_PATH:-}"
+HF_HUB_OFFLINE=1 "$LV/bin/python" - "$DATA" <<'PYEOF'
+import sys, types
+# torchvision 0.28 with this torch build: registering its meta kernels fails ("torchvision::nms does
+# not exist"); an empty module in its place is harmless for data loading.
+sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+root = sys.argv[1]
+ds = LeRobotDataset("local/carp-check", root=root, video_backend="torchcodec")
+print("episodes", ds.num_episodes, "frames", ds.num_frames, "fps", ds.fps)
+print("features", sorted(ds.features))
+for i in (0, len(ds) - 1):
+    item = ds[i]
+    shapes = {k: tuple(v.shape) for k, v in item.items() if hasattr(v, "shape")}
+    print("item", i, "task", repr(item["task"]), shapes)
+    img = item["observation.images.wrist"]
+    print("  wrist dtype", img.dtype, "range", float(img.min()), float(img.max()))
+print("meta.stats keys", sorted(ds.meta.stats))
+print("LEROBOT_OK")
+PYEOF
