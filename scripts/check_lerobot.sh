@@ -59,11 +59,17 @@ print("written", root)
 PYEOF
 
 echo "[check_lerobot] loading it with lerobot's LeRobotDataset"
-AVLIBS=$("$LV/bin/python" -c "import av, os; print(os.path.join(os.path.dirname(av.__file__), '..', 'av.libs'))" 2>/dev/null || true)
-if [ -z "$AVLIBS" ] || [ ! -d "$AVLIBS" ]; then
-  AVLIBS=$("$ROOT/.venv/bin/python" -c "import av, os; print(os.path.join(os.path.dirname(av.__file__), '..', 'av.libs'))")
-fi
-export LD_LIBRARY_PATH="$(realpath "$AVLIBS"):${LD_LIBRARY_PATH:-}"
+# torchcodec needs FFmpeg's shared libraries under their plain sonames (libavutil.so.59, ...);
+# PyAV's wheel carries them as av.libs/libavutil-<hash>.so.59.x.y, so link the plain names to those.
+AVLIBS=$("$LV/bin/python" -c "import av, os; print(os.path.realpath(os.path.join(os.path.dirname(av.__file__), '..', 'av.libs')))")
+FF="$LV/ffmpeg-libs"
+mkdir -p "$FF"
+for f in "$AVLIBS"/lib*.so*; do
+  b=$(basename "$f")
+  plain=$(echo "$b" | sed -E 's/^(lib[A-Za-z0-9_+]+)-[0-9a-f]{8}\.so\.([0-9]+).*/\1.so.\2/')
+  [ "$plain" != "$b" ] && ln -sf "$f" "$FF/$plain"
+done
+export LD_LIBRARY_PATH="$FF:$AVLIBS:${LD_LIBRARY_PATH:-}"
 HF_HUB_OFFLINE=1 "$LV/bin/python" - "$DATA" <<'PYEOF'
 import sys, types
 # torchvision 0.28 with this torch build: registering its meta kernels fails ("torchvision::nms does

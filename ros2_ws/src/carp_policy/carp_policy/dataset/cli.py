@@ -1,0 +1,240 @@
+"""``carp-dataset``: inspect, validate, view and export demonstration datasets.
+
+carp-dataset info DIR                       episodes, frames, duration, tasks, successes
+carp-dataset validate DIR [--clean]         read every file; name what is corrupt; exit 1 on errors
+carp-dataset view DIR --episode N [-o MP4]  both cameras with the trajectory plotted beside
+carp-dataset export SRC DST [--episodes 0-9,12] [--success-only] [--keymap YAML]
+                                            copy a subset (or a key-mapped foreign LeRobot
+                                            dataset) into a fresh dataset of ours
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .format import DatasetError, VideoConfig, VideoEncoder
+from .reader import EpisodeDataset
+from .validate import validate_dataset
+from .writer import DatasetWriter
+
+
+def parse_episode_list(spec: str, n: int) -> list[int]:
+    """'0-3,7' -> [0, 1, 2, 3, 7]; every index must be < n."""
+    out: list[int] = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        a, _, b = part.partition("-")
+        lo, hi = int(a), int(b) if b else int(a)
+        out.extend(range(lo, hi + 1))
+    bad = [i for i in out if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"episode(s) {bad} out of range (dataset has {n})")
+    return sorted(set(out))
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    ds = EpisodeDataset(args.dir, keymap=args.keymap)
+    s = ds.summary()
+    size = sum(p.stat().st_size for p in Path(args.dir).rglob("*") if p.is_file())
+    print(
+        f"dataset   {Path(args.dir).resolve()}  "
+        f"(LeRobot {ds.info['codebase_version']}, robot {s['robot_type']})"
+    )
+    print(f"episodes  {s['episodes']}  ({s['successes']} success, {s['failures']} failure)")
+    print(
+        f"frames    {s['frames']}  at {s['fps']:g} Hz = "
+        f"{s['duration_s']:.1f} s ({s['duration_s'] / 60:.1f} min)"
+    )
+    cams = ", ".join(f"{c} {h}x{w}" for c, (h, w) in s["cameras"].items())
+    print(f"cameras   {cams or '-'}")
+    print(f"state     {len(ds.state_names)} dims {ds.state_names}")
+    print(f"action    {len(ds.action_names)} dims {ds.action_names}")
+    print(f"size      {size / 1e6:.1f} MB")
+    print("tasks")
+    for task, count in s["tasks"].items():
+        print(f"  {count:4d}  {task}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    if args.clean:
+        if not (root / "meta/info.json").exists():
+            print(f"ERROR {root}: not a dataset (no meta/info.json)")
+            return 1
+        # opening a writer repairs a crashed save: drops uncommitted rows, orphans, staging files
+        ds = EpisodeDataset(root, cameras=[])
+        cams = {
+            k[len("observation.images.") :]: tuple(f["shape"][:2])
+            for k, f in ds.info["features"].items()
+            if f["dtype"] == "video"
+        }
+        fps = ds.fps
+        with DatasetWriter(
+            root,
+            fps=fps,
+            cameras=cams,
+            state_names=ds.state_names,
+            action_names=ds.action_names,
+            robot_type=ds.info.get("robot_type"),
+        ):
+            pass
+        print(f"cleaned {root}")
+    rep = validate_dataset(root, decode_videos=not args.quick)
+    for w in rep.warnings:
+        print(f"WARNING {w}")
+    for e in rep.errors:
+        print(f"ERROR   {e}")
+    status = "OK" if rep.ok else f"{len(rep.errors)} ERROR(S)"
+    print(
+        f"{status}: {rep.episodes} episodes, {rep.frames} frames, {rep.files_checked} files checked, "
+        f"{len(rep.warnings)} warning(s)"
+    )
+    return 0 if rep.ok else 1
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ds = EpisodeDataset(args.dir, keymap=args.keymap)
+    ep = ds.episode(args.episode)
+    out = Path(args.output or f"episode_{ep.index:06d}.mp4")
+    t = np.arange(len(ep)) / ds.fps
+    frames = [ep.images[c] for c in ds.cameras]
+    h = max((f.shape[1] for f in frames), default=240)
+    panel_h = max(2 * h, 240)
+    # trajectory panel: drawn once; per frame only a cursor column is painted (fast, no redraw)
+    fig, axes = plt.subplots(3, 1, figsize=(4, panel_h / 100), dpi=100, sharex=True)
+    names = ds.action_names
+    for j, name in enumerate(names[:3]):
+        axes[0].plot(t, ep.action[:, j], label=f"{name} act")
+        axes[0].plot(t, ep.state[:, j], "--", lw=0.8)
+    axes[0].set_ylabel("pos (m)")
+    axes[0].legend(fontsize=6, loc="upper right")
+    axes[1].plot(t, ep.action[:, 3:-1], lw=0.8)
+    axes[1].set_ylabel("rot6d")
+    axes[2].plot(t, ep.action[:, -1], label="action")
+    axes[2].plot(t, ep.state[:, -1], "--", label="state")
+    axes[2].set_ylabel(names[-1] if names else "")
+    axes[2].set_xlabel("t (s)")
+    axes[2].legend(fontsize=6)
+    axes[0].set_title(f"ep {ep.index} {'success' if ep.success else 'failure'}: {ep.task[:40]}", fontsize=7)
+    fig.tight_layout()
+    fig.canvas.draw()
+    plot = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    xs = [round(axes[0].transData.transform((ti, 0))[0]) for ti in t]
+    plt.close(fig)
+    scale = max(1, panel_h // (2 * h)) if frames else 1
+    cams = [np.repeat(np.repeat(f, scale, 1), scale, 2) for f in frames]
+    cam_col_w = max((c.shape[2] for c in cams), default=0)
+    height = max(plot.shape[0], sum(c.shape[1] for c in cams))
+    width = cam_col_w + plot.shape[1]
+    height, width = height + height % 2, width + width % 2
+    enc = VideoEncoder(out, ds.fps, height, width, VideoConfig(crf=20))
+    for i in tqdm(range(len(ep)), desc=f"rendering {out.name}", unit="frame"):
+        canvas = np.full((height, width, 3), 255, np.uint8)
+        y = 0
+        for c in cams:
+            canvas[y : y + c.shape[1], : c.shape[2]] = c[i]
+            y += c.shape[1]
+        p = plot.copy()
+        p[:, max(0, xs[i] - 1) : xs[i] + 1] = (220, 30, 30)
+        canvas[: p.shape[0], cam_col_w : cam_col_w + p.shape[1]] = p
+        enc.encode(canvas)
+    enc.close()
+    print(f"wrote {out} ({len(ep)} frames, {len(ep) / ds.fps:.1f} s, cameras {ds.cameras})")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    src = EpisodeDataset(args.src, keymap=args.keymap)
+    idx = parse_episode_list(args.episodes, len(src)) if args.episodes else list(range(len(src)))
+    dst = Path(args.dst)
+    if dst.exists() and any(dst.iterdir()):
+        if not args.overwrite:
+            print(f"ERROR {dst} exists and is not empty (use --overwrite)")
+            return 1
+        shutil.rmtree(dst)
+    cams = {c: tuple(src.info["features"][k]["shape"][:2]) for c, k in src.camera_keys.items()}
+    kept = 0
+    with DatasetWriter(
+        dst,
+        fps=src.fps,
+        cameras=cams,
+        state_names=src.state_names,
+        action_names=src.action_names,
+        robot_type=src.info.get("robot_type"),
+    ) as w:
+        for i in tqdm(idx, desc="exporting", unit="ep"):
+            ep = src.episode(i)
+            if args.success_only and not ep.success:
+                continue
+            w.begin_episode(ep.task)
+            for t in range(len(ep)):
+                w.add_frame(ep.timestamps[t], {c: ep.images[c][t] for c in cams}, ep.state[t], ep.action[t])
+            w.save_episode(
+                success=ep.success, metadata={**ep.metadata, "exported_from": f"{args.src}#{ep.index}"}
+            )
+            kept += 1
+            src._images.pop(i, None)  # keep memory flat on large exports
+    print(f"exported {kept} of {len(idx)} selected episodes from {args.src} to {dst} (videos re-encoded)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="carp-dataset",
+        description="Inspect, validate, view and export LeRobot v3.0 demonstration datasets.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("info", help="episodes, frames, duration, tasks, success counts")
+    s.add_argument("dir")
+    s.add_argument("--keymap", help="YAML key map for datasets other tools wrote")
+    s.set_defaults(func=cmd_info)
+    s = sub.add_parser("validate", help="read every file and name what is corrupt (exit 1 on errors)")
+    s.add_argument("dir")
+    s.add_argument(
+        "--clean", action="store_true", help="first repair an interrupted save (orphans, uncommitted rows)"
+    )
+    s.add_argument("--quick", action="store_true", help="skip decoding the videos")
+    s.set_defaults(func=cmd_validate)
+    s = sub.add_parser("view", help="write an MP4 of the cameras with the trajectory plotted beside")
+    s.add_argument("dir")
+    s.add_argument("--episode", type=int, required=True)
+    s.add_argument("-o", "--output", help="output .mp4 (default episode_NNNNNN.mp4)")
+    s.add_argument("--keymap")
+    s.set_defaults(func=cmd_view)
+    s = sub.add_parser("export", help="copy a subset, or a key-mapped foreign dataset, into a new dataset")
+    s.add_argument("src")
+    s.add_argument("dst")
+    s.add_argument("--episodes", help="e.g. 0-9,12 (default: all)")
+    s.add_argument("--success-only", action="store_true")
+    s.add_argument("--keymap", help="YAML key map for the source dataset")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``carp-dataset``."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (DatasetError, ValueError, IndexError) as e:
+        print(f"ERROR {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
