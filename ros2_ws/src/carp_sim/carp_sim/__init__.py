@@ -1,1 +1,4 @@
-"""carp_sim: MuJoCo twin of the UR5e cell: scene, tasks and success checks, scripted experts, demonstration collection."""
+"""carp_sim: MuJoCo twin of the UR5e cell.
+
+Scene, tasks and success checks, scripted experts, demonstration collection.
+"""

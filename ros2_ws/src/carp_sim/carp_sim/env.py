@@ -1,0 +1,300 @@
+"""SimCell: the twin behind the same seam as the real cell (target TCP pose + gripper opening in,
+measured TCP pose + gripper opening + camera images out).
+
+One ``step(action)`` commands the next TCP target and advances one control period (0.1 s at 10 Hz).
+Inside it a servo loop (``servo_hz``, like the real driver's servoJ stream) interpolates the TCP
+pose from the previous target (linear position, geodesic rotation), solves the analytic IK nearest
+to the last joint target, and feeds stiff joint position servos with a velocity feed-forward.
+The gripper fingers are position-controlled with a force limit, so a grasp is held by friction.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import mujoco
+import numpy as np
+import yaml
+from scipy.spatial.transform import Rotation
+
+from carp_hardware.kinematics import IKError, ik_nearest, pose_matrix
+from carp_policy.actions import ACTION_DIM, ACTION_NAMES, Observation, pose_to_vector, rot6d_to_matrix
+from carp_sim.cell import ARM_KP, ARM_KV, GRIPPER_STROKE, build_model
+from carp_sim.tasks import HOME_Q, EpisodeLayout, TaskConfig, TaskOutcome, check, sample_layout, unrecoverable
+
+CAMERAS = ("wrist", "scene")
+__all__ = ["CAMERAS", "SimCell", "SimConfig", "TaskOutcome"]
+
+
+@dataclass
+class SimConfig:
+    """Settings of the twin (independent of the task)."""
+
+    image_size: tuple[int, int] = (120, 160)  # (H, W) of each camera image
+    cameras: tuple[str, ...] = CAMERAS  # which cameras observe() renders
+    control_hz: float = 10.0  # step() advances 1 / control_hz seconds
+    physics_dt: float = 0.002  # MuJoCo time step, s
+    servo_hz: float = 100.0  # IK / joint-target rate inside a control step (real driver: 125-500 Hz)
+    render: bool = True  # False: observations carry no images (fast expert runs)
+    max_joint_speed: float = 3.0  # rad/s, joint targets are rate-limited like the real driver's
+    settle_s: float = 0.3  # physics run after reset so objects rest on the table
+
+    def __post_init__(self) -> None:
+        self.image_size = tuple(int(x) for x in self.image_size)
+        self.cameras = tuple(self.cameras)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        if len(self.image_size) != 2 or min(self.image_size) < 8 or max(self.image_size) > 480:
+            raise ValueError(f"SimConfig.image_size must be (H, W) within 8..480, got {self.image_size}")
+        unknown = [c for c in self.cameras if c not in CAMERAS]
+        if unknown:
+            raise ValueError(f"SimConfig.cameras: unknown camera(s) {unknown}; the cell has {list(CAMERAS)}")
+        for name in ("control_hz", "physics_dt", "servo_hz", "max_joint_speed"):
+            if not np.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ValueError(f"SimConfig.{name} must be a positive number, got {getattr(self, name)}")
+        per_step = 1.0 / (self.control_hz * self.physics_dt)
+        per_servo = 1.0 / (self.servo_hz * self.physics_dt)
+        if abs(per_step - round(per_step)) > 1e-6 or abs(per_servo - round(per_servo)) > 1e-6:
+            raise ValueError(
+                f"SimConfig: control period 1/{self.control_hz} s and servo period 1/{self.servo_hz} s "
+                f"must be whole multiples of physics_dt={self.physics_dt}"
+            )
+        if self.servo_hz < self.control_hz:
+            raise ValueError("SimConfig.servo_hz must be >= control_hz")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SimConfig:
+        """From a YAML file with any subset of the fields."""
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        unknown = set(raw) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{path}: unknown SimConfig keys {sorted(unknown)}")
+        return cls(**raw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SimCell:
+    """The MuJoCo UR5e cell running one task (see module doc for the control seam)."""
+
+    def __init__(self, task: str | TaskConfig = "cup", config: SimConfig | None = None) -> None:
+        self.task = task if isinstance(task, TaskConfig) else TaskConfig.load(task)
+        self.task.validate()
+        self.config = config or SimConfig()
+        os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before a context
+        self.model = build_model(self.task.layout, self.config.physics_dt)
+        self.data = mujoco.MjData(self.model)
+        m = self.model
+        self._tcp = m.site("tcp").id
+        self._fingers = np.array([m.joint("finger_left").qposadr[0], m.joint("finger_right").qposadr[0]])
+        self._obj_body = m.body(self.task.name).id
+        self._obj_qpos = m.joint(self.task.name).qposadr[0]
+        self._target_body = m.body("target" if self.task.name == "cup" else "pot").id
+        # Geom lookup tables for contact queries (gripper = palm, fingers, pads).
+        gripper_bodies = {m.body(n).id for n in ("flange", "finger_left", "finger_right")}
+        self._is_gripper = np.isin(m.geom_bodyid, list(gripper_bodies))
+        self._is_object = m.geom_bodyid == self._obj_body
+        self._ff = np.array(ARM_KV) / np.array(ARM_KP)  # velocity feed-forward gain (see _advance)
+        self._n_servo = round(self.config.servo_hz / self.config.control_hz)
+        self._n_phys = round(1.0 / (self.config.servo_hz * self.config.physics_dt))
+        self._renderer: mujoco.Renderer | None = None
+        self._video_renderers: dict[tuple[int, int], mujoco.Renderer] = {}
+        self.layout: EpisodeLayout | None = None
+        self.seed: int | None = None
+        self.ik_failures = 0
+        self.done = False
+        self._q_cmd = HOME_Q.copy()
+        self._target = np.eye(4)
+        self._gripper_cmd = GRIPPER_STROKE
+        self._success_since: float | None = None
+        self._failure: str | None = None
+
+    # ------------------------------------------------------------------ episode
+    def reset(self, seed: int) -> Observation:
+        """Start an episode whose layout (objects, target, arm start) is fully determined by ``seed``."""
+        self.seed = int(seed)
+        rng = np.random.default_rng(self.seed)
+        self.layout = sample_layout(self.task, rng)
+        m, d = self.model, self.data
+        mujoco.mj_resetData(m, d)
+        m.body_pos[self._target_body][:2] = self.layout.target_xy
+        yaw = self.layout.object_yaw
+        d.qpos[self._obj_qpos : self._obj_qpos + 7] = [
+            *self.layout.object_xy,
+            0.0005,
+            np.cos(yaw / 2),
+            0.0,
+            0.0,
+            np.sin(yaw / 2),
+        ]
+        self._q_cmd = ik_nearest(self.layout.start_tcp, HOME_Q)
+        d.qpos[:6] = self._q_cmd
+        d.ctrl[:6] = self._q_cmd
+        self._gripper_cmd = GRIPPER_STROKE
+        d.qpos[self._fingers] = GRIPPER_STROKE / 2
+        d.ctrl[6:8] = GRIPPER_STROKE / 2
+        self._target = self.layout.start_tcp.copy()
+        mujoco.mj_forward(m, d)
+        self._advance(self._q_cmd, round(self.config.settle_s / self.config.physics_dt))
+        d.time = 0.0
+        self.ik_failures = 0
+        self.done = False
+        self._success_since = None
+        self._failure = None
+        return self.observe()
+
+    def step(self, action: np.ndarray) -> Observation:
+        """Command the next TCP target + gripper opening (10,), advance one control period."""
+        action = np.asarray(action, dtype=np.float64)
+        if action.shape != (ACTION_DIM,):
+            raise ValueError(f"SimCell.step needs an action of shape ({ACTION_DIM},), got {action.shape}")
+        if not np.all(np.isfinite(action)):
+            bad = [ACTION_NAMES[i] for i in np.flatnonzero(~np.isfinite(action))]
+            raise ValueError(f"SimCell.step: non-finite action in {bad}")
+        if self.layout is None:
+            raise RuntimeError("SimCell.step called before reset(seed)")
+        goal = pose_matrix(action[:3], rot6d_to_matrix(action[3:9]))
+        self._gripper_cmd = float(np.clip(action[9], 0.0, GRIPPER_STROKE))
+        self.data.ctrl[6:8] = self._gripper_cmd / 2
+        start = self._target
+        rel = Rotation.from_matrix(start[:3, :3].T @ goal[:3, :3]).as_rotvec()
+        max_dq = self.config.max_joint_speed / self.config.servo_hz
+        reached = True
+        for k in range(1, self._n_servo + 1):
+            s = k / self._n_servo
+            rot = start[:3, :3] @ Rotation.from_rotvec(s * rel).as_matrix()
+            pose = pose_matrix((1 - s) * start[:3, 3] + s * goal[:3, 3], rot)
+            try:
+                q = ik_nearest(pose, self._q_cmd)
+            except IKError:
+                # Like the real driver: an unreachable target is not streamed; the arm holds.
+                self.ik_failures += 1
+                reached = False
+                break
+            q = self._q_cmd + np.clip(q - self._q_cmd, -max_dq, max_dq)
+            self._advance(q, self._n_phys)
+        if reached:
+            self._target = goal
+        self._update_status()
+        return self.observe()
+
+    def hold(self, seconds: float) -> None:
+        """Advance physics by ``seconds`` with the current targets (e.g. while a policy computes)."""
+        if seconds < 0 or not np.isfinite(seconds):
+            raise ValueError(f"SimCell.hold needs a finite duration >= 0, got {seconds}")
+        n = round(seconds / self.config.physics_dt)
+        if n:
+            self._advance(self._q_cmd, n)  # zero target velocity: plain position hold
+            self._update_status()
+
+    def _advance(self, q_goal: np.ndarray, n: int) -> None:
+        """Servo tick: command ``q_goal`` (reached at the end of ``n`` physics steps) and run them."""
+        # Joint targets are a staircase at the servo rate, as on the real arm. The position servo
+        # computes kp (ctrl - q) - kv qdot; adding (kv/kp) * qdot_target to the target turns it into
+        # kp (q_t - q) + kv (qdot_t - qdot), so tracking does not lag behind a moving target.
+        qdot = (q_goal - self._q_cmd) / (n * self.config.physics_dt)
+        self.data.ctrl[:6] = q_goal + self._ff * qdot
+        mujoco.mj_step(self.model, self.data, nstep=n)
+        self._q_cmd = np.array(q_goal, dtype=np.float64)
+
+    def _update_status(self) -> None:
+        self._failure = unrecoverable(self)
+        if self._failure:
+            self.done = True
+            return
+        if check(self).success:
+            if self._success_since is None:
+                self._success_since = self.time
+            self.done = self.time - self._success_since >= self.task.success_hold_s - 1e-9
+        else:
+            self._success_since = None
+
+    # ------------------------------------------------------------------ observation
+    def observe(self) -> Observation:
+        """Measured TCP pose + gripper opening (10,), camera images (H, W, 3) uint8, sim time."""
+        state = pose_to_vector(self.data.site_xpos[self._tcp], self.tcp_pose()[:3, :3], self.gripper_opening)
+        images = {}
+        if self.config.render:
+            if self._renderer is None:
+                self._renderer = mujoco.Renderer(self.model, *self.config.image_size)
+            for cam in self.config.cameras:
+                self._renderer.update_scene(self.data, camera=cam)
+                images[cam] = self._renderer.render().copy()
+        return Observation(state=state, images=images, timestamp=self.time)
+
+    def render_video_frame(self, height: int = 240, width: int = 320) -> np.ndarray:
+        """A larger scene-camera view (H, W, 3) uint8 for rollout videos."""
+        key = (int(height), int(width))
+        if key not in self._video_renderers:
+            self._video_renderers[key] = mujoco.Renderer(self.model, *key)
+        r = self._video_renderers[key]
+        r.update_scene(self.data, camera="scene")
+        return r.render().copy()
+
+    def outcome(self) -> TaskOutcome:
+        """Success check now: ``reason`` is "ok" or what is wrong (e.g. "cup tipped")."""
+        if self._failure:
+            return TaskOutcome(False, self._failure)
+        result = check(self)
+        if not result.success and self.time >= self.max_duration_s and self.layout is not None:
+            return TaskOutcome(False, f"timeout ({result.reason})")
+        return result
+
+    # ------------------------------------------------------------------ privileged state
+    @property
+    def time(self) -> float:
+        return float(self.data.time)
+
+    @property
+    def max_duration_s(self) -> float:
+        return float(self.task.max_duration_s)
+
+    @property
+    def gripper_opening(self) -> float:
+        """Measured opening between the pads, m."""
+        return float(np.sum(self.data.qpos[self._fingers]))
+
+    @property
+    def joint_positions(self) -> np.ndarray:
+        return self.data.qpos[:6].copy()
+
+    def tcp_pose(self) -> np.ndarray:
+        """Measured TCP pose (4, 4) in the base frame."""
+        return pose_matrix(self.data.site_xpos[self._tcp], self.data.site_xmat[self._tcp].reshape(3, 3))
+
+    def object_pose(self, name: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Position (3,) of the object's base and rotation (3, 3) (privileged, for experts/checks)."""
+        body = self._obj_body if name is None else self.model.body(name).id
+        return self.data.xpos[body].copy(), self.data.xmat[body].reshape(3, 3).copy()
+
+    def in_contact_with_gripper(self, name: str | None = None) -> bool:
+        """True if any gripper geom touches the task object."""
+        d = self.data
+        if d.ncon == 0:
+            return False
+        g = d.contact.geom[: d.ncon]
+        return bool(
+            np.any(
+                (self._is_gripper[g[:, 0]] & self._is_object[g[:, 1]])
+                | (self._is_gripper[g[:, 1]] & self._is_object[g[:, 0]])
+            )
+        )
+
+    def close(self) -> None:
+        """Free the renderers (GL contexts)."""
+        for r in [self._renderer, *self._video_renderers.values()]:
+            if r is not None:
+                r.close()
+        self._renderer = None
+        self._video_renderers.clear()
+
+    def __enter__(self) -> SimCell:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
