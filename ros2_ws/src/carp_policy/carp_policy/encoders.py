@@ -81,8 +81,10 @@ class SpatialSoftmax(nn.Module):
         h, w = x.shape[-2:]
         logits = self.proj(x).flatten(2)  # (B, K, h*w)
         attn = logits.softmax(-1)
-        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
-        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+        # the grid as arange * step - 1 (== linspace(-1, 1, n)): the legacy ONNX exporter turns
+        # linspace into a float64 constant, which makes the whole fusion MLP float64 in the graph
+        ys = torch.arange(h, device=x.device, dtype=x.dtype) * (2.0 / max(h - 1, 1)) - 1.0
+        xs = torch.arange(w, device=x.device, dtype=x.dtype) * (2.0 / max(w - 1, 1)) - 1.0
         gy, gx = torch.meshgrid(ys, xs, indexing="ij")
         kx = (attn * gx.reshape(1, 1, -1)).sum(-1)  # (B, K)
         ky = (attn * gy.reshape(1, 1, -1)).sum(-1)
