@@ -214,6 +214,27 @@ class SimCell:
         else:
             self._success_since = None
 
+    # ------------------------------------------------------------------ scene editing (tests, debugging)
+    def set_object_pose(self, position: np.ndarray, quat_wxyz: np.ndarray = (1.0, 0.0, 0.0, 0.0)) -> None:
+        """Teleport the task object (zero velocity); the success checks see it at once."""
+        a = self._obj_qpos
+        self.data.qpos[a : a + 7] = [*position, *quat_wxyz]
+        self.data.qvel[self.model.joint(self.task.name).dofadr[0] :][:6] = 0.0
+        mujoco.mj_forward(self.model, self.data)
+
+    def teleport_arm(self, tcp_pose: np.ndarray, gripper: float | None = None) -> None:
+        """Put the arm (and its targets) at a TCP pose (4, 4) and optionally the gripper opening."""
+        self._q_cmd = ik_nearest(tcp_pose, self._q_cmd)
+        self.data.qpos[:6] = self._q_cmd
+        self.data.qvel[:6] = 0.0
+        self.data.ctrl[:6] = self._q_cmd
+        self._target = np.array(tcp_pose, dtype=np.float64)
+        if gripper is not None:
+            self._gripper_cmd = float(np.clip(gripper, 0.0, GRIPPER_STROKE))
+            self.data.qpos[self._fingers] = self._gripper_cmd / 2
+            self.data.ctrl[6:8] = self._gripper_cmd / 2
+        mujoco.mj_forward(self.model, self.data)
+
     # ------------------------------------------------------------------ observation
     def observe(self) -> Observation:
         """Measured TCP pose + gripper opening (10,), camera images (H, W, 3) uint8, sim time."""

@@ -20,10 +20,10 @@ from carp_sim.env import SimCell
 from carp_sim.tasks import top_down
 
 DEFAULT_VARIETY = {
-    "speed": (0.16, 0.28),  # m/s in free space; descents run at half speed
+    "speed": (0.25, 0.40),  # m/s in free space; descents run at half speed
     "approach_height": (0.07, 0.14),  # m above the grasp point
     "carry_height": (0.20, 0.27),  # TCP height while carrying
-    "pause": (0.2, 0.5),  # s, dwell before/after gripper actions
+    "pause": (0.15, 0.4),  # s, dwell before/after gripper actions
 }
 
 
@@ -115,7 +115,7 @@ class ScriptedExpert:
         def go(pos, yaw_, grip, speed=v["speed"], extra=0.0) -> None:
             last = wps[-1]
             dist = np.linalg.norm(pos - last.pos) + 0.1 * abs(yaw_ - last.yaw)
-            dur = 1.875 * dist / speed + 0.2 + extra  # min-jerk peak speed is 1.875x the mean
+            dur = 1.5 * dist / speed + 0.15 + extra  # min-jerk peaks at 1.875x its mean speed
             wps.append(Waypoint(last.t + dur, np.asarray(pos, float), float(yaw_), grip))
 
         def wait(seconds, grip=None) -> None:
