@@ -23,7 +23,8 @@ setup(
     entry_points={
         "console_scripts": [
             "carp-train = carp_policy.train:main",
-    "carp-dataset = carp_policy.dataset.cli:main"
+    "carp-dataset = carp_policy.dataset.cli:main",
+            "carp-export = carp_policy.export:main",
         ],
     },
 )
