@@ -141,7 +141,9 @@ def cmd_view(args: argparse.Namespace) -> int:
     height = max(plot.shape[0], sum(c.shape[1] for c in cams))
     width = cam_col_w + plot.shape[1]
     height, width = height + height % 2, width + width % 2
-    enc = VideoEncoder(out, ds.fps, height, width, VideoConfig(crf=20))
+    enc = VideoEncoder(
+        out, ds.fps, height, width, VideoConfig(crf=20, pix_fmt="yuv420p")
+    )  # for people: plays everywhere
     for i in tqdm(range(len(ep)), desc=f"rendering {out.name}", unit="frame"):
         canvas = np.full((height, width, 3), 255, np.uint8)
         y = 0

@@ -29,6 +29,7 @@ from types import TracebackType
 import numpy as np
 import pyarrow as pa
 
+from ..actions import ACTION_NAMES, STATE_NAMES
 from .format import (
     ACTION_KEY,
     DATA_PATH,
@@ -81,8 +82,6 @@ class DatasetWriter:
         robot_type: str | None = "ur5e",
         video: VideoConfig | None = None,
     ) -> None:
-        from ..actions import ACTION_NAMES, STATE_NAMES
-
         self.root = Path(root)
         self.fps = float(fps)
         self.cameras = dict(cameras if cameras is not None else {"wrist": (120, 160), "scene": (120, 160)})
@@ -92,7 +91,7 @@ class DatasetWriter:
         if not (self.fps > 0 and np.isfinite(self.fps)):
             raise ValueError(f"fps must be positive, got {fps}")
         for cam, (h, w) in self.cameras.items():
-            if h % 2 or w % 2:  # yuv420p halves chroma resolution
+            if (h % 2 or w % 2) and self.video.pix_fmt == "yuv420p":  # 4:2:0 halves chroma resolution
                 raise ValueError(
                     f"camera {cam!r}: height and width must be even for {self.video.pix_fmt}, got {h}x{w}"
                 )
