@@ -21,8 +21,6 @@ setup(
     description="Camera node, UR5e driver node (+ Robotiq 2F-85), UR5e kinematics and safety limits.",
     license="Apache-2.0",
     entry_points={
-        "console_scripts": [
-
-        ],
+        "console_scripts": [],
     },
 )

@@ -21,8 +21,6 @@ setup(
     description="MuJoCo twin of the UR5e cell: scene, tasks and success checks, scripted experts, demonstration collection.",
     license="Apache-2.0",
     entry_points={
-        "console_scripts": [
-            "carp-sim = carp_sim.cli:main"
-        ],
+        "console_scripts": ["carp-sim = carp_sim.cli:main"],
     },
 )

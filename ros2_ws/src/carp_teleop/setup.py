@@ -21,8 +21,6 @@ setup(
     description="SpaceMouse reader, teleoperation node and demonstration recorder node.",
     license="Apache-2.0",
     entry_points={
-        "console_scripts": [
-
-        ],
+        "console_scripts": [],
     },
 )
