@@ -56,6 +56,13 @@ with DatasetWriter(root, fps=10.0, cameras={"wrist": (96, 128), "scene": (96, 12
                         rng.normal(size=10).astype(np.float32), rng.normal(size=10).astype(np.float32))
         w.save_episode(success=True, metadata={"operator": "check"})
 print("written", root)
+# what our own reader sees, for the comparison on the LeRobot side
+from carp_policy.dataset import EpisodeDataset
+ds = EpisodeDataset(root)
+eps = [ds.episode(i) for i in range(len(ds))]
+np.savez(root + "/../carp-expected.npz", state=np.concatenate([e.state for e in eps]),
+         action=np.concatenate([e.action for e in eps]),
+         wrist=np.concatenate([e.images["wrist"] for e in eps]), scene=np.concatenate([e.images["scene"] for e in eps]))
 PYEOF
 
 echo "[check_lerobot] loading it with lerobot's LeRobotDataset"
@@ -88,5 +95,23 @@ for i in (0, len(ds) - 1):
     img = item["observation.images.wrist"]
     print("  wrist dtype", img.dtype, "range", float(img.min()), float(img.max()))
 print("meta.stats keys", sorted(ds.meta.stats))
+import numpy as np
+exp = np.load(root + "/../carp-expected.npz")
+st = np.stack([ds[i]["observation.state"].numpy() for i in range(len(ds))])
+assert np.array_equal(st, exp["state"]), "state differs"
+diffs = {}
+for cam in ("wrist", "scene"):
+    imgs = np.stack([(ds[i][f"observation.images.{cam}"].permute(1, 2, 0).numpy() * 255).round() for i in range(len(ds))])
+    diffs[cam] = float(np.abs(imgs - exp[cam].astype(np.float64)).max())
+print("every frame: state identical to carp reader; max image difference (0-255):", diffs)
+assert max(diffs.values()) <= 2.0, diffs
+# how LeRobot policies read it: an action chunk of 16 and two observation steps, padded at the ends
+ds2 = LeRobotDataset("local/carp-check", root=root, video_backend="torchcodec",
+                     delta_timestamps={"action": [i / 10 for i in range(16)],
+                                       "observation.images.wrist": [-0.1, 0.0], "observation.state": [-0.1, 0.0]})
+item = ds2[19]  # last frame of episode 0 (20 frames)
+print("delta_timestamps item:", {k: tuple(v.shape) for k, v in item.items() if hasattr(v, "shape") and v.ndim > 0})
+print("action_is_pad:", item["action_is_pad"].int().tolist())
+assert np.allclose(item["action"][0].numpy(), exp["action"][19]) and item["action_is_pad"][1:].all()
 print("LEROBOT_OK")
 PYEOF
