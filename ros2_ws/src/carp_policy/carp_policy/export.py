@@ -35,6 +35,7 @@ random observations, run at export time).
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -246,9 +247,9 @@ def _export_carp_graphs(
     tok, gpt = model.tokenizer, model.gpt
     D, C, L, K = tok.D, tok.C, tok.L, len(tok.scales)
     cams = tuple(spec["cameras"])
-    hooks = []
     if half:
-        model = model.half()  # integer buffers (code offsets, ids) are left as they are by .half()
+        # a half copy: rounding the caller's weights through fp16 would change the fp32 policy
+        model = copy.deepcopy(model).half()  # integer buffers (code offsets, ids) stay int64
         enc = model.encoder
         if hasattr(enc, "trunks"):
             # visual: the ResNet trunks (nearly all the FLOPs) in half; the spatial-softmax heads and
@@ -256,9 +257,9 @@ def _export_carp_graphs(
             enc.heads.float()
             enc.fuse.float()
             for trunk in enc.trunks.values():  # the encoder makes float32 frames itself: cast here
-                hooks.append(trunk.register_forward_pre_hook(lambda _m, a: tuple(x.half() for x in a)))
+                trunk.register_forward_pre_hook(lambda _m, a: tuple(x.half() for x in a))
             for head in enc.heads.values():
-                hooks.append(head.register_forward_pre_hook(lambda _m, a: tuple(x.float() for x in a)))
+                head.register_forward_pre_hook(lambda _m, a: tuple(x.float() for x in a))
     entries = []
     obs_args, obs_names = _example_inputs(spec)
     kv = ["present_k", "present_v"]
@@ -295,10 +296,6 @@ def _export_carp_graphs(
             )
         )
         entries[-1]["stage"] = f"scale {si + 1}"
-    if half:
-        model.float()
-        for h in hooks:
-            h.remove()
     return entries
 
 
@@ -556,7 +553,6 @@ def _try_fp16(
     try:
         entries = _export_carp_graphs(policy.model, spec, out, True, "_fp16")
     except Exception as e:  # e.g. a torch build without some half kernel: fp32 stays, and we say why
-        policy.model.float()
         return {"used": False, "reason": f"fp16 export failed: {type(e).__name__}: {e}"[:300]}
     for e in entries:
         e["precision"] = "fp16"

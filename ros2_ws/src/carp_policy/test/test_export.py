@@ -1,0 +1,354 @@
+"""ONNX export and the onnxruntime engine: parity with the torch policies, manifest checks, bad input.
+
+Tiny CARP (state and visual) and DP-C models with random weights are exported once per module; every
+check then runs the real graphs in onnxruntime's CPU provider.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from carp_policy.actions import Observation
+from carp_policy.carp import CarpPolicy
+from carp_policy.config import CarpConfig
+from carp_policy.engine import ModelDirError, OnnxPolicy, diffusion_timesteps, scheduler_step, sha256
+from carp_policy.export import _random_observation, _torch_dpc_ddim, _torch_tokens, export_policy
+from carp_policy.normalization import Normalizer
+
+LO = np.array([0.2, -0.4, 0.0, -1, -1, -1, -1, -1, -1, 0.0])
+HI = np.array([0.7, 0.4, 0.5, 1, 1, 1, 1, 1, 1, 0.085])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """2 shared CPU cores: one torch thread avoids oversubscription stalls in tracing and inference."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _carp_cfg(kind: str) -> CarpConfig:
+    enc = {"kind": "state", "obs_horizon": 2, "hidden": 32, "out_dim": 32}
+    if kind == "visual":
+        enc = {
+            "kind": "visual",
+            "obs_horizon": 1,
+            "cameras": ["wrist", "scene"],
+            "image_size": [40, 48],
+            "crop_size": [32, 40],
+            "resnet_width": 8,
+            "keypoints": 4,
+            "hidden": 32,
+            "out_dim": 32,
+        }
+    return CarpConfig.from_dict(
+        {
+            "name": f"tiny_{kind}",
+            "tokenizer": {"codebook_size": 32, "hidden": 8},
+            "encoder": enc,
+            "transformer": {"depth": 2, "width": 32, "heads": 2},
+        }
+    )
+
+
+def _carp_policy(kind: str, seed: int = 0) -> CarpPolicy:
+    torch.manual_seed(seed)
+    policy = CarpPolicy(_carp_cfg(kind), None, Normalizer(LO, HI, LO, HI))
+    with torch.no_grad():  # adaLN gates start at zero: give them weight so every block matters
+        for p in policy.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+    return policy
+
+
+def _dpc_policy():
+    from carp_policy.diffusion import DiffusionConfig, DiffusionPolicy
+
+    torch.manual_seed(0)
+    cfg = DiffusionConfig.from_dict(
+        {
+            "name": "tiny_dpc",
+            "encoder": {"kind": "state", "obs_horizon": 2, "hidden": 32, "out_dim": 32},
+            "unet": {"down_dims": [16, 32], "kernel_size": 3, "n_groups": 8, "step_embed_dim": 16},
+            "noise": {"sampler": "ddim", "num_inference_steps": 10},
+        }
+    )
+    return DiffusionPolicy(cfg, Normalizer(LO, HI, LO, HI)).eval()
+
+
+@pytest.fixture(scope="module")
+def carp_state(tmp_path_factory):
+    policy = _carp_policy("state")
+    out = tmp_path_factory.mktemp("carp_state")
+    return policy, out, export_policy(policy, out, fp16=True, parity_samples=4, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def carp_visual(tmp_path_factory):
+    policy = _carp_policy("visual")
+    out = tmp_path_factory.mktemp("carp_visual")
+    return policy, out, export_policy(policy, out, parity_samples=2, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def dpc(tmp_path_factory):
+    policy = _dpc_policy()
+    out = tmp_path_factory.mktemp("dpc")
+    return policy, out, export_policy(policy, out, parity_samples=2, verbose=False)
+
+
+# ----------------------------------------------------------------------------- parity
+@pytest.mark.parametrize("which", ["carp_state", "carp_visual"])
+def test_carp_parity_same_tokens_and_actions(which, request):
+    policy, out, manifest = request.getfixturevalue(which)
+    assert manifest["parity"]["passed"] and manifest["parity"]["tokens_equal"]
+    engine = OnnxPolicy(out, device="cpu", intra_op_threads=1)
+    assert engine.obs_horizon == policy.obs_horizon and engine.cameras == policy.cameras
+    rng = np.random.default_rng(123)
+    distinct = set()
+    for _ in range(6):
+        obs = _random_observation(engine.spec, policy.normalizer, rng)
+        chunk, tokens = engine.predict_with_tokens(obs)
+        ref_tokens = _torch_tokens(policy, obs)
+        assert [t.shape for t in tokens] == [(1, 10, k) for k in (1, 2, 3, 4)]
+        for got, ref in zip(tokens, ref_tokens):
+            np.testing.assert_array_equal(got, ref)
+        ref = policy.predict(obs)
+        assert chunk.actions.shape == (16, 10)
+        np.testing.assert_allclose(chunk.actions, ref.actions, atol=1e-4, rtol=0)
+        distinct.add(tuple(np.concatenate([t.ravel() for t in tokens])))
+    assert len(distinct) > 1, "random observations should not all give the same tokens"
+
+
+def test_carp_manifest_contents(carp_state):
+    policy, out, m = carp_state
+    assert m["family"] == "carp" and m["opset"] == 17
+    assert m["observation"]["obs_horizon"] == 2 and m["observation"]["cameras"] == []
+    assert [g["stage"] for g in m["graphs"]] == [
+        "encoder + scale 1",
+        "scale 2",
+        "scale 3",
+        "scale 4",
+        "decoder",
+    ]
+    for g in m["graphs"]:
+        assert g["sha256"] == sha256(out / g["file"])
+    assert Normalizer.from_stats(m["normalization"]).action_max.tolist() == HI.tolist()
+    assert CarpConfig.from_dict(m["config"]) == policy.config
+    assert m["source_commit"] and m["export_date"]
+    # fp16 is recorded either way; when kept, it produced the same tokens on every test observation
+    fp16 = m["fp16"]
+    if fp16["used"]:
+        assert fp16["same_tokens"] == fp16["samples"]
+        engine = OnnxPolicy(out, precision="fp16", intra_op_threads=1)
+        assert engine.precision == "fp16"
+    else:
+        assert fp16["reason"]
+
+
+def test_dpc_parity_ddim(dpc):
+    policy, out, m = dpc
+    assert m["family"] == "diffusion" and m["parity"]["passed"]
+    engine = OnnxPolicy(out, intra_op_threads=1)
+    assert engine.sampler == "ddim" and len(engine.timesteps) == 10
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        obs = _random_observation(engine.spec, policy.normalizer, rng)
+        noise = torch.randn(1, 16, 10, generator=torch.Generator().manual_seed(100 + i))
+        ref = _torch_dpc_ddim(policy, obs, noise)
+        got = engine.predict(obs, noise=noise[0].numpy()).actions
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
+    ddpm = OnnxPolicy(out, sampler="ddpm", intra_op_threads=1, warmup=0)
+    assert len(ddpm.timesteps) == 100
+    chunk = ddpm.predict(obs)
+    assert chunk.actions.shape == (16, 10) and np.all(np.isfinite(chunk.actions))
+
+
+def test_numpy_scheduler_matches_diffusers():
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    kw = dict(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    ddim, ddpm = DDIMScheduler(**kw), DDPMScheduler(**kw)
+    sched = {"num_train_timesteps": 100, "clip_sample": True, "clip_sample_range": 1.0, "steps_offset": 0}
+    alphas = ddpm.alphas_cumprod.double().numpy()
+    for steps in (10, 7, 100):
+        ddim.set_timesteps(steps)
+        np.testing.assert_array_equal(diffusion_timesteps(sched, "ddim", steps), ddim.timesteps.numpy())
+    ddpm.set_timesteps(100)
+    np.testing.assert_array_equal(diffusion_timesteps(sched, "ddpm", 100), ddpm.timesteps.numpy())
+    g = torch.Generator().manual_seed(0)
+    ddim.set_timesteps(10)
+    for name, s, ts in (("ddim", ddim, ddim.timesteps), ("ddpm", ddpm, ddpm.timesteps)):
+        for j in (0, 3, len(ts) - 1):
+            t = int(ts[j])
+            prev_t = int(ts[j + 1]) if j + 1 < len(ts) else -1
+            x, eps = torch.randn(1, 16, 10, generator=g) * 2, torch.randn(1, 16, 10, generator=g)
+            ref = s.step(eps, ts[j], x, generator=torch.Generator().manual_seed(7)).prev_sample
+            # diffusers draws DDPM's variance noise as randn(shape) from the generator it is given
+            vn = torch.randn(1, 16, 10, generator=torch.Generator().manual_seed(7)).numpy()[0]
+            got = scheduler_step(sched, alphas, name, eps.numpy()[0], t, prev_t, x.numpy()[0], vn)
+            np.testing.assert_allclose(got, ref.numpy()[0], atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_carp_export_cli_from_run_dir(tmp_path):
+    policy = _carp_policy("state", seed=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    policy.config.save(run / "config.yaml")
+    policy.normalizer.save(run / "normalization.json")
+    sd = policy.model.state_dict()
+    save_file({k: v for k, v in sd.items() if k.startswith("tokenizer.")}, str(run / "tokenizer.safetensors"))
+    save_file(
+        {k: v for k, v in sd.items() if not k.startswith("tokenizer.")}, str(run / "policy.safetensors")
+    )
+    out = tmp_path / "model"
+    cmd = [
+        sys.executable,
+        "-m",
+        "carp_policy.export",
+        "--run",
+        str(run),
+        "--out",
+        str(out),
+        "--parity-samples",
+        "2",
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **_env()}
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "parity" in res.stdout and "carp_scale4.onnx" in res.stdout
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["parity"]["passed"] and m["source_run"] == str(run.resolve())
+    obs = _random_observation(m["observation"], policy.normalizer, np.random.default_rng(0))
+    np.testing.assert_allclose(OnnxPolicy(out).predict(obs).actions, policy.predict(obs).actions, atol=1e-4)
+    bad = subprocess.run(
+        [sys.executable, "-m", "carp_policy.export", "--run", str(tmp_path / "nope"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
+    assert bad.returncode == 1 and "config.yaml missing" in bad.stderr
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+# ----------------------------------------------------------------------------- load-time checks
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_manifest(d: Path, fn) -> None:
+    m = json.loads((d / "manifest.json").read_text())
+    fn(m)
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
+def test_tampered_graph_is_refused(carp_state, tmp_path):
+    d = _copy(carp_state[1], tmp_path / "m")
+    f = d / "carp_scale3.onnx"
+    data = bytearray(f.read_bytes())
+    data[-10] ^= 0xFF  # one flipped byte inside the weights
+    f.write_bytes(bytes(data))
+    with pytest.raises(ModelDirError, match=r"carp_scale3.onnx: sha256 does not match"):
+        OnnxPolicy(d)
+    f.unlink()
+    with pytest.raises(ModelDirError, match="missing"):
+        OnnxPolicy(d)
+
+
+def test_wrong_opset_is_refused(carp_state, tmp_path):
+    import onnx
+
+    d = _copy(carp_state[1], tmp_path / "m")
+    _edit_manifest(d, lambda m: m.update(opset=18))
+    with pytest.raises(ModelDirError, match="opset 18"):
+        OnnxPolicy(d)
+    # a graph whose own opset differs from the manifest's (checksums restamped, so only opset differs)
+    d2 = _copy(carp_state[1], tmp_path / "m2")
+    model = onnx.load(str(d2 / "carp_decoder.onnx"))
+    model.opset_import[0].version = 16
+    onnx.save(model, str(d2 / "carp_decoder.onnx"))
+    _edit_manifest(d2, lambda m: m["graphs"][-1].update(sha256=sha256(d2 / "carp_decoder.onnx")))
+    with pytest.raises(ModelDirError, match="graph opset 16 differs"):
+        OnnxPolicy(d2)
+
+
+def test_mismatched_observation_spec_is_refused(carp_state, carp_visual, tmp_path):
+    d = _copy(carp_state[1], tmp_path / "m")
+    _edit_manifest(d, lambda m: m["observation"].update(obs_horizon=1))
+    with pytest.raises(ModelDirError, match="do not match the manifest's observation spec"):
+        OnnxPolicy(d)
+    d = _copy(carp_visual[1], tmp_path / "v")
+    _edit_manifest(d, lambda m: m["observation"].update(image_size=[120, 160]))
+    with pytest.raises(ModelDirError, match="observation spec"):
+        OnnxPolicy(d)
+    # a graph swapped for another one (checksum restamped): its inputs are not what the manifest says
+    d = _copy(carp_state[1], tmp_path / "s")
+    shutil.copy(d / "carp_scale2.onnx", d / "carp_scale3.onnx")
+    _edit_manifest(d, lambda m: m["graphs"][2].update(sha256=sha256(d / "carp_scale3.onnx")))
+    with pytest.raises(ModelDirError, match=r"carp_scale3\.onnx: inputs"):
+        OnnxPolicy(d)
+
+
+def test_cuda_request_without_cuda_provider_is_clear(carp_state):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has the CUDA provider")
+    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+        OnnxPolicy(carp_state[1], device="cuda")
+
+
+# ----------------------------------------------------------------------------- bad input / output
+def test_bad_observations_raise_like_the_torch_policy(carp_state, carp_visual):
+    state_engine = OnnxPolicy(carp_state[1], intra_op_threads=1)
+    good = np.tile((LO + HI) / 2, (2, 1))
+    with pytest.raises(ValueError, match=r"shape \(2, 10\)"):
+        state_engine.predict(Observation(state=good[0]))
+    nan = good.copy()
+    nan[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"not finite.*dim z"):
+        state_engine.predict(Observation(state=nan))
+    vis_policy, vis_dir, _ = carp_visual
+    engine = OnnxPolicy(vis_dir, intra_op_threads=1)
+    img = np.zeros((1, 40, 48, 3), np.uint8)
+    state = ((LO + HI) / 2)[None]
+    for images, pattern in (
+        ({"wrist": img}, "missing camera 'scene'"),
+        ({"wrist": img, "scene": np.zeros((1, 120, 160, 3), np.uint8)}, r"'scene' image must have shape"),
+        ({"wrist": img, "scene": img.astype(np.float32)}, "must be uint8"),
+    ):
+        obs = Observation(state=state, images=images)
+        with pytest.raises(ValueError, match=pattern):
+            engine.predict(obs)
+        with pytest.raises(ValueError, match=pattern):  # the torch policy says the same
+            vis_policy.predict(obs)
+
+
+def test_nan_output_is_refused(tmp_path):
+    policy = _carp_policy("state", seed=2)
+    with torch.no_grad():
+        policy.model.tokenizer.decoder[-1].bias[0] = float("nan")  # dimension x of every step
+    # parity_samples=0: the torch policy refuses this chunk too, so there is nothing to compare
+    export_policy(policy, tmp_path, parity_samples=0, verbose=False)
+    engine = OnnxPolicy(tmp_path, intra_op_threads=1)
+    obs = Observation(state=np.tile((LO + HI) / 2, (2, 1)))
+    with pytest.raises(ValueError, match=r"not finite \(NaN/inf\) at step 0, dim x: chunk refused"):
+        engine.predict(obs)
