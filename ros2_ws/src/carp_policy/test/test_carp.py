@@ -1,0 +1,255 @@
+"""CARP transformer and policy: block-causal mask, KV cache, overfitting, shapes, input validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from carp_policy.actions import ActionChunk, Observation, Policy, rotation_error_deg
+from carp_policy.carp import CarpModel, CarpPolicy, count_parameters, sample_tokens
+from carp_policy.config import CarpConfig, EncoderConfig, TokenizerConfig, TransformerConfig
+from carp_policy.normalization import Normalizer
+from carp_policy.synthetic import SyntheticEpisodes, SyntheticWindows
+from carp_policy.train import action_errors
+
+SCALES = (1, 2, 3, 4)
+OFFSETS = np.cumsum([0] + [10 * k for k in SCALES])  # token offset of each scale in the sequence
+
+
+def tiny_config(kind: str = "state", **tok) -> CarpConfig:
+    enc = EncoderConfig(kind="state", obs_horizon=2, hidden=32, out_dim=32)
+    if kind == "visual":
+        enc = EncoderConfig(
+            kind="visual",
+            obs_horizon=1,
+            cameras=("wrist", "scene"),
+            resnet_width=8,
+            keypoints=4,
+            hidden=32,
+            out_dim=32,
+        )
+    return CarpConfig(
+        name=f"tiny_{kind}",
+        tokenizer=TokenizerConfig(hidden=8, **tok),
+        encoder=enc,
+        transformer=TransformerConfig(depth=2, width=32, heads=2),
+    )
+
+
+def _model(kind: str = "state", seed: int = 0) -> CarpModel:
+    torch.manual_seed(seed)
+    m = CarpModel(tiny_config(kind)).eval()
+    # the adaLN layers start at zero (identity blocks); randomise them so the tests exercise them
+    for blk in m.gpt.blocks:
+        torch.nn.init.normal_(blk.ada[1].weight, std=0.1)
+    return m
+
+
+def _identity_normalizer() -> Normalizer:
+    lo, hi = -np.ones(10), np.ones(10)
+    return Normalizer(lo, hi, lo, hi)
+
+
+def test_block_causal_mask_on_inputs():
+    """Perturbing the inputs of scale k changes logits of scales >= k only."""
+    m = _model()
+    cond, x_in = torch.randn(2, 32), torch.randn(2, 90, 8)
+    with torch.no_grad():
+        base = m.gpt(cond, x_in)
+        for k in (1, 2, 3):  # input slots of scale index k start at OFFSETS[k] - 10 in x_in
+            x2 = x_in.clone()
+            x2[:, OFFSETS[k] - 10 : OFFSETS[k + 1] - 10] += 1.0
+            out = m.gpt(cond, x2)
+            torch.testing.assert_close(out[:, : OFFSETS[k]], base[:, : OFFSETS[k]], atol=1e-6, rtol=0)
+            assert (out[:, OFFSETS[k] :] - base[:, OFFSETS[k] :]).abs().max() > 1e-4
+
+
+def test_changing_tokens_of_scale_k_only_changes_later_logits():
+    """Through the tokenizer: new codes at scale k leave logits of scales <= k unchanged."""
+    m = _model()
+    cond = torch.randn(2, 32)
+    maps = m.tokenizer.encode(torch.randn(2, 16, 10))
+    with torch.no_grad():
+        base = m.gpt(cond, m.tokenizer.teacher_forcing_inputs(maps))
+        for k in range(3):  # scale index k; the last scale feeds nothing
+            changed = [x.clone() for x in maps]
+            changed[k] = (changed[k] + 1 + torch.randint(0, 500, changed[k].shape)) % 512
+            out = m.gpt(cond, m.tokenizer.teacher_forcing_inputs(changed))
+            end = OFFSETS[k + 1]
+            torch.testing.assert_close(out[:, :end], base[:, :end], atol=1e-6, rtol=0)
+            assert (out[:, end:] - base[:, end:]).abs().max() > 1e-4
+
+
+def test_mask_is_block_causal():
+    mask = _model().gpt.mask
+    lvl = np.repeat(np.arange(4), [10 * k for k in SCALES])
+    assert mask.shape == (100, 100)
+    assert np.array_equal(mask.numpy(), lvl[:, None] >= lvl[None, :])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_kv_cache_matches_masked_forward(batch):
+    """Cached scale-by-scale inference == one masked forward over the tokens it produced (1e-5)."""
+    m = _model()
+    gpt, tok = m.gpt, m.tokenizer
+    cond = torch.randn(batch, 32)
+    with torch.no_grad():
+        past_k, past_v = gpt.empty_cache(batch)
+        f_hat, h, logits_steps, maps = torch.zeros(batch, 80, 4), gpt.start_tokens(cond), [], []
+        for si, k in enumerate(SCALES):
+            logits, past_k, past_v = gpt.step(h, cond, past_k, past_v)
+            assert past_k.shape == (2, batch, 2, OFFSETS[si + 1], 16)
+            idx = sample_tokens(logits).view(batch, 10, k)
+            f_hat, nxt = tok.next_input(si, f_hat, idx)
+            h = gpt.word_embed(nxt)
+            logits_steps.append(logits)
+            maps.append(idx)
+        cached = torch.cat(logits_steps, 1)
+        full = gpt(cond, tok.teacher_forcing_inputs(maps))
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    assert torch.equal(full.argmax(-1), CarpModel.flat_tokens(maps))
+    # the model's own generate() walks the same path
+    obs = {"state": torch.randn(batch, 2, 10), "images": {}}
+    assert m.generate(obs).shape == (batch, 16, 10)
+
+
+def test_top_k_sampling_stays_in_top_k():
+    logits = torch.randn(2, 10, 512)
+    g = torch.Generator().manual_seed(0)
+    idx = sample_tokens(logits, top_k=3, generator=g)
+    top3 = logits.topk(3, dim=-1).indices
+    assert (idx.unsqueeze(-1) == top3).any(-1).all()
+    assert torch.equal(sample_tokens(logits), logits.argmax(-1))
+
+
+def test_shipped_configs_parameter_budgets():
+    """state <= 1M and visual <= 10M parameters, tokenizer included."""
+    for name, budget in (("state", 1_000_000), ("visual", 10_000_000)):
+        m = CarpModel(CarpConfig.load(name))
+        assert count_parameters(m) <= budget, (name, count_parameters(m))
+
+
+# ----------------------------------------------------------------------------- the policy object
+def _obs(kind: str, o: int = 2, hw=(120, 160)) -> Observation:
+    rng = np.random.default_rng(0)
+    state = np.tile(np.r_[0.4, 0.0, 0.3, 1, 0, 0, 0, -1, 0, 0.05], (o, 1))
+    images = {c: rng.integers(0, 255, (o, *hw, 3), dtype=np.uint8) for c in ("wrist", "scene")}
+    return Observation(state=state, images=images if kind == "visual" else {}, timestamp=12.5)
+
+
+@pytest.mark.parametrize("kind", ["state", "visual"])
+def test_policy_predicts_a_valid_chunk(kind):
+    torch.manual_seed(0)
+    pol = CarpPolicy(tiny_config(kind), None, _identity_normalizer())
+    assert isinstance(pol, Policy)
+    assert pol.obs_horizon == (2 if kind == "state" else 1)
+    assert pol.cameras == (() if kind == "state" else ("wrist", "scene"))
+    chunk = pol.predict(_obs(kind, pol.obs_horizon))
+    assert isinstance(chunk, ActionChunk) and chunk.actions.shape == (16, 10)
+    assert chunk.timestamp == 12.5 and chunk.latency_s > 0
+    # rot6d re-orthonormalised: both columns unit length and orthogonal
+    np.testing.assert_allclose(np.linalg.norm(chunk.actions[:, 3:6], axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(chunk.actions[:, 6:9], axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(np.sum(chunk.actions[:, 3:6] * chunk.actions[:, 6:9], axis=1), 0.0, atol=1e-9)
+    pol.reset()
+
+
+def test_visual_crop_is_random_in_training_and_centered_at_eval():
+    m = _model("visual")
+    img = torch.arange(2 * 3 * 120 * 160, dtype=torch.float32).view(2, 3, 120, 160)
+    enc = m.encoder
+    enc.eval()
+    c = enc.crop(img)
+    assert c.shape == (2, 3, 108, 144) and torch.equal(c, img[:, :, 6:114, 8:152])
+    enc.train()
+    torch.manual_seed(1)
+    crops = [enc.crop(img) for _ in range(4)]
+    assert all(x.shape == (2, 3, 108, 144) for x in crops)
+    assert any(not torch.equal(crops[0], x) for x in crops[1:])
+
+
+@pytest.mark.parametrize(
+    ("kind", "mutate", "message"),
+    [
+        (
+            "state",
+            lambda o: Observation(o.state[:1], o.images),
+            r"observation.state must have shape \(2, 10\)",
+        ),
+        ("state", lambda o: Observation(o.state[:, :7], o.images), r"got \(2, 7\)"),
+        ("state", lambda o: Observation(np.where(np.eye(2, 10, 2) > 0, np.nan, o.state)), r"NaN.*dim z"),
+        (
+            "visual",
+            lambda o: Observation(o.state[-1:], {"wrist": o.images["wrist"][-1:]}),
+            "missing camera 'scene'",
+        ),
+        (
+            "visual",
+            lambda o: Observation(
+                o.state[-1:], {"wrist": o.images["wrist"][-1:, :100], "scene": o.images["scene"][-1:]}
+            ),
+            r"camera 'wrist' image must have shape \(1, 120, 160, 3\)",
+        ),
+        (
+            "visual",
+            lambda o: Observation(o.state[-1:], {k: v[-1:].astype(np.float32) for k, v in o.images.items()}),
+            "uint8",
+        ),
+    ],
+)
+def test_bad_observations_raise_clear_errors(kind, mutate, message):
+    pol = CarpPolicy(tiny_config(kind), None, _identity_normalizer())
+    with pytest.raises(ValueError, match=message):
+        pol.predict(mutate(_obs(kind, 2)))
+
+
+def test_mismatched_weights_are_rejected():
+    weights = CarpModel(tiny_config("state")).state_dict()
+    with pytest.raises(ValueError, match="checkpoint does not match"):
+        CarpPolicy(tiny_config("visual"), weights, _identity_normalizer())
+
+
+@pytest.mark.slow
+def test_tiny_policy_overfits_a_few_trajectories():
+    """Tokenizer + transformer memorise 12 chunks from 3 synthetic episodes to < 1 cm / 2 deg."""
+    torch.manual_seed(0)
+    ds = SyntheticEpisodes(3, seed=3, cameras=())
+    win = SyntheticWindows(ds, [0, 1, 2], obs_horizon=2)
+    items = [win[i] for i in range(0, len(win), len(win) // 12)][:12]
+    nz = Normalizer.from_stats(ds.stats())
+    state = torch.from_numpy(nz.normalize_state(np.stack([it["state"] for it in items])))
+    actions = torch.from_numpy(nz.normalize_action(np.stack([it["action"] for it in items])))
+    cfg = tiny_config()
+    cfg.transformer = TransformerConfig(depth=2, width=64, heads=4)
+    m = CarpModel(cfg)
+    opt = torch.optim.AdamW(m.tokenizer.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(600):
+        _, loss, _ = m.tokenizer(actions)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 100 == 0 and step < 500:
+            m.tokenizer.revive_dead_codes()
+    m.tokenizer.eval().requires_grad_(False)
+    obs = {"state": state, "images": {}}
+    params = list(m.encoder.parameters()) + list(m.gpt.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    m.encoder.train()
+    m.gpt.train()
+    for _ in range(400):
+        loss, info = m.loss(obs, actions)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    pred = m.generate(obs).numpy()
+    err = action_errors(nz.unnormalize_action(pred), nz.unnormalize_action(actions.numpy()))
+    assert info["token_acc"] > 0.99, info
+    assert err["position_mm"]["mean"] < 10.0, err
+    assert err["rotation_deg"]["mean"] < 2.0, err
+    # and per step, not just on average
+    rot = rotation_error_deg(
+        nz.unnormalize_action(pred)[..., 3:9], nz.unnormalize_action(actions.numpy())[..., 3:9]
+    )
+    assert rot.max() < 5.0
