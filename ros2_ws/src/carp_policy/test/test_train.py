@@ -1,0 +1,170 @@
+"""carp-train end to end in real subprocesses: both stages, artefacts, resume, loading, clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from carp_policy.actions import Observation
+from carp_policy.carp import CarpPolicy
+from carp_policy.config import CarpConfig
+
+TINY = {
+    "tokenizer": {"hidden": 8, "revive_every": 10},
+    "transformer": {"depth": 2, "width": 32, "heads": 2},
+    "train": {
+        "batch_size": 16,
+        "checkpoint_every": 10,
+        "log_every": 5,
+        "warmup_steps": 5,
+        "val_batches": 2,
+        "val_fraction": 0.25,
+    },
+}
+
+
+def _config(tmp_path: Path, kind: str) -> Path:
+    d = CarpConfig.load(kind).to_dict()
+    for section, values in TINY.items():
+        d[section].update(values)
+    d["encoder"].update({"hidden": 32, "out_dim": 32})
+    if kind == "visual":
+        d["encoder"].update({"resnet_width": 8, "keypoints": 4})
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _train(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "carp_policy.train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_state_run_end_to_end_with_resume(tmp_path):
+    run = tmp_path / "run"
+    cfg = _config(tmp_path, "state")
+    r = _train(
+        "--config",
+        str(cfg),
+        "--dataset",
+        "synthetic:4",
+        "--out",
+        str(run),
+        "--tokenizer-steps",
+        "20",
+        "--policy-steps",
+        "10",
+        "--seed",
+        "3",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in (
+        "config.yaml",
+        "normalization.json",
+        "tokenizer.safetensors",
+        "policy.safetensors",
+        "train_state_tokenizer.pt",
+        "train_state_policy.pt",
+        "loss_tokenizer.csv",
+        "loss_policy.csv",
+        "loss_curves.png",
+        "tokenizer_report.json",
+        "policy_report.json",
+    ):
+        assert (run / name).exists(), name
+    assert "codebook used per dim" in r.stdout and "validation (EMA, greedy)" in r.stdout
+    tok = json.loads((run / "tokenizer_report.json").read_text())
+    assert len(tok["codebook"]["used_codes"]) == 10 and tok["reconstruction"]["position_mm"]["mean"] > 0
+    assert set(tok["reconstruction"]["per_dim"]) >= {"x_mm", "y_mm", "z_mm", "gripper_mm", "r6d_0"}
+    pol = json.loads((run / "policy_report.json").read_text())
+    assert np.isfinite(pol["validation"]["position_mm"]["mean"])
+    assert CarpConfig.load(run / "config.yaml").train.seed == 3
+    assert [int(float(x["step"])) for x in _rows(run / "loss_policy.csv")] == [0, 5, 9]
+
+    # resume the policy stage for 10 more steps: the log continues, it does not restart
+    r = _train(
+        "--config",
+        str(cfg),
+        "--dataset",
+        "synthetic:4",
+        "--out",
+        str(run),
+        "--stage",
+        "policy",
+        "--resume",
+        "--policy-steps",
+        "20",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [int(float(x["step"])) for x in _rows(run / "loss_policy.csv")] == [0, 5, 9, 10, 15, 19]
+
+    # the run directory is a loadable policy
+    policy = CarpPolicy.from_run(run)
+    state = np.tile(np.r_[0.45, 0.0, 0.35, 1, 0, 0, 0, -1, 0, 0.085], (2, 1))
+    chunk = policy.predict(Observation(state=state))
+    assert chunk.actions.shape == (16, 10) and np.all(np.isfinite(chunk.actions))
+
+
+@pytest.mark.slow
+def test_visual_run_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    r = _train(
+        "--config",
+        str(_config(tmp_path, "visual")),
+        "--dataset",
+        "synthetic:3",
+        "--out",
+        str(run),
+        "--tokenizer-steps",
+        "10",
+        "--policy-steps",
+        "3",
+        "--batch-size",
+        "4",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    policy = CarpPolicy.from_run(run)
+    assert policy.cameras == ("wrist", "scene") and policy.obs_horizon == 1
+    rng = np.random.default_rng(0)
+    obs = Observation(
+        state=np.r_[0.45, 0.0, 0.35, 1, 0, 0, 0, -1, 0, 0.085],
+        images={c: rng.integers(0, 255, (120, 160, 3), dtype=np.uint8) for c in policy.cameras},
+    )
+    assert policy.predict(obs).actions.shape == (16, 10)
+
+
+@pytest.mark.slow
+def test_clear_errors(tmp_path):
+    cfg = _config(tmp_path, "state")
+    r = _train("--config", str(cfg), "--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "a"))
+    assert r.returncode != 0 and "dataset directory not found" in r.stderr
+    r = _train(
+        "--config", str(cfg), "--dataset", "synthetic:3", "--out", str(tmp_path / "b"), "--stage", "policy"
+    )
+    assert r.returncode != 0 and "run --stage tokenizer first" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"transformer": {"depht": 4}}))
+    with pytest.raises(ValueError, match="depht"):
+        CarpConfig.load(bad)
+    with pytest.raises(FileNotFoundError, match="finished carp-train run"):
+        CarpPolicy.from_run(tmp_path)
