@@ -269,6 +269,24 @@ class DiffusionPolicy(nn.Module):
         self._ema: dict[str, torch.Tensor] | None = None  # EMA of the weights (not a submodule on purpose)
         self._ema_updates = 0
 
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "cpu") -> DiffusionPolicy:
+        """Load a `carp-train` DP-C run directory (config.yaml, normalization.json, the EMA weights
+        in policy.safetensors), in eval mode on `device`."""
+        from safetensors.torch import load_file
+
+        run = Path(run_dir)
+        for name in ("config.yaml", "normalization.json", "policy.safetensors"):
+            if not (run / name).exists():
+                raise FileNotFoundError(f"{run / name} missing: is {run} a finished DP-C run?")
+        policy = cls(DiffusionConfig.load(run / "config.yaml"), Normalizer.load(run / "normalization.json"))
+        missing, unexpected = policy.load_state_dict(load_file(str(run / "policy.safetensors")), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        return policy.to(device).eval()
+
     # --------------------------------------------------------------- Policy protocol
     @property
     def obs_horizon(self) -> int:
@@ -278,7 +296,8 @@ class DiffusionPolicy(nn.Module):
     @property
     def cameras(self) -> tuple[str, ...]:
         """Camera names the policy needs in every observation."""
-        return tuple(self.config.encoder.cameras)
+        enc = self.config.encoder
+        return tuple(enc.cameras) if enc.kind == "visual" else ()
 
     def reset(self) -> None:
         """DP-C keeps no state between chunks; present for the Policy protocol."""
@@ -301,21 +320,33 @@ class DiffusionPolicy(nn.Module):
 
     # --------------------------------------------------------------- training
     def compute_loss(self, batch: dict) -> dict[str, torch.Tensor]:
-        """DDPM loss on a training batch (the dataset's window format, physical units).
+        """DDPM loss on a batch in the dataset's window format, physical units.
 
         batch: "state" (B, O, S), "action" (B, T, A) float, "images" {cam: (B, O, H, W, 3) uint8}.
         Returns {"loss": scalar}: MSE between the true and predicted noise at a uniformly drawn step.
         """
-        state, actions = self._normalize_state(batch["state"]), self._normalize_action(batch["action"])
+        obs = {"state": self._normalize_state(batch["state"]), "images": batch.get("images", {})}
+        loss, _ = self.loss(obs, self._normalize_action(batch["action"]))
+        return {"loss": loss}
+
+    def loss(self, batch: dict, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The `carp-train` hook (same signature as `CarpModel.loss`): normalised obs batch
+        {"state", "images"} and (B, T, A) normalised actions -> (loss, {"loss": float})."""
         if actions.shape[1:] != (self.horizon, self.action_dim):
-            raise ValueError(
-                f"batch 'action' must be (B, {self.horizon}, {self.action_dim}), got {tuple(actions.shape)}"
-            )
-        emb = self.encode_obs(state, batch.get("images", {}))  # (B, E)
+            want = f"(B, {self.horizon}, {self.action_dim})"
+            raise ValueError(f"actions must be {want}, got {tuple(actions.shape)}")
+        emb = self.encoder(batch)  # (B, E)
         noise = torch.randn_like(actions)  # (B, T, A)
         t = torch.randint(0, self.ddpm.config.num_train_timesteps, (actions.shape[0],), device=actions.device)
         noisy = self.ddpm.add_noise(actions, noise, t)  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
-        return {"loss": F.mse_loss(self.denoise_step(noisy, t, emb), noise)}
+        loss = F.mse_loss(self.denoise_step(noisy, t, emb), noise)
+        return loss, {"loss": loss.item()}
+
+    @torch.no_grad()
+    def generate(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The `carp-train` evaluation hook (as `CarpModel.generate`): normalised obs batch ->
+        (B, T, A) normalised actions with the configured sampler."""
+        return self.sample(self.encoder(batch), generator=generator)
 
     @torch.no_grad()
     def update_ema(self, decay: float | None = None) -> None:

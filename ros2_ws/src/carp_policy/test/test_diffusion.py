@@ -1,0 +1,287 @@
+"""Tests of the Diffusion Policy baseline (DP-C): U-Net shapes, DDPM training, DDIM/DDPM sampling,
+the exported denoising step, EMA, configs and bad input. Tiny models on the synthetic
+pick-and-place demonstrations, CPU only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from carp_policy.actions import ActionChunk, Observation, Policy, rot6d_to_matrix, rotation_error_deg
+from carp_policy.config import EncoderConfig, TrainConfig
+from carp_policy.diffusion import (
+    ConditionalUNet1D,
+    DiffusionConfig,
+    DiffusionPolicy,
+    NoiseConfig,
+    UNetConfig,
+)
+from carp_policy.normalization import Normalizer
+from carp_policy.synthetic import SyntheticEpisodes, SyntheticWindows
+
+IMG = (24, 32)  # tiny frames keep the visual tests fast; the real configs use 120x160
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one intra-op thread is as fast and avoids OpenMP contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(kind: str = "state", **noise) -> DiffusionConfig:
+    enc = EncoderConfig(kind="state", obs_horizon=2, hidden=64, out_dim=32)
+    if kind == "visual":
+        enc = EncoderConfig(
+            kind="visual",
+            obs_horizon=1,
+            cameras=("wrist", "scene"),
+            image_size=IMG,
+            crop_size=(20, 28),
+            resnet_width=8,
+            keypoints=4,
+            hidden=64,
+            out_dim=32,
+        )
+    return DiffusionConfig(
+        name=f"tiny_{kind}",
+        encoder=enc,
+        unet=UNetConfig(down_dims=(32, 64), step_embed_dim=32),
+        noise=NoiseConfig(**noise),
+        train=TrainConfig(ema_decay=0.99),
+    )
+
+
+def episodes(kind: str = "state", n: int = 4) -> tuple[SyntheticEpisodes, Normalizer]:
+    cams = ("wrist", "scene") if kind == "visual" else ()
+    ds = SyntheticEpisodes(n, seed=0, image_size=IMG, cameras=cams)
+    return ds, Normalizer.from_stats(ds.stats())
+
+
+def windows(ds: SyntheticEpisodes, cfg: DiffusionConfig, idx: list[int]) -> dict:
+    """Collated windows at the given indices: state/action float tensors, uint8 image tensors."""
+    w = SyntheticWindows(
+        ds,
+        np.arange(len(ds)),
+        obs_horizon=cfg.encoder.obs_horizon,
+        action_horizon=16,
+        cameras=list(cfg.encoder.cameras),
+    )
+    items = [w[i] for i in idx]
+    return {
+        "state": torch.from_numpy(np.stack([it["state"] for it in items])),
+        "action": torch.from_numpy(np.stack([it["action"] for it in items])),
+        "images": {
+            c: torch.from_numpy(np.stack([it["images"][c] for it in items])) for c in cfg.encoder.cameras
+        },
+    }
+
+
+def observation(batch: dict, i: int) -> Observation:
+    return Observation(
+        state=batch["state"][i].numpy(), images={c: v[i].numpy() for c, v in batch["images"].items()}
+    )
+
+
+# ----------------------------------------------------------------------------- shapes
+@pytest.mark.parametrize("batch", [1, 5])
+def test_unet_and_denoise_step_shapes(batch):
+    unet = ConditionalUNet1D(10, 32, UNetConfig(down_dims=(32, 64, 128), step_embed_dim=32))
+    x, t, c = torch.randn(batch, 10, 16), torch.randint(0, 100, (batch,)), torch.randn(batch, 32)
+    assert unet(x, t, c).shape == (batch, 10, 16)
+    _, norm = episodes()
+    policy = DiffusionPolicy(tiny_config(), norm)
+    eps = policy.denoise_step(torch.randn(batch, 16, 10), t, torch.randn(batch, 32))
+    assert eps.shape == (batch, 16, 10)
+
+
+@pytest.mark.parametrize("kind", ["state", "visual"])
+def test_predict_batch_and_single_observation(kind):
+    """Batch 1 and >1 through the same weights; single predict gives a 16 x 10 physical chunk."""
+    cfg = tiny_config(kind)
+    ds, norm = episodes(kind)
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg, norm).eval()
+    assert isinstance(policy, Policy) and policy.obs_horizon == cfg.encoder.obs_horizon
+    assert policy.cameras == (("wrist", "scene") if kind == "visual" else ())
+    b = windows(ds, cfg, [0, 7, 15])
+    out = policy.predict_batch(b["state"], b["images"], generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 16, 10)
+    # batch 1 with the same initial noise as row 0 of the batch gives row 0 (the U-Net is per-sample)
+    one = {k: (v[:1] if torch.is_tensor(v) else {c: x[:1] for c, x in v.items()}) for k, v in b.items()}
+    out1 = policy.predict_batch(one["state"], one["images"], generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out1[0], out[0], atol=1e-4, rtol=1e-4)
+    chunk = policy.predict(observation(b, 1))
+    assert isinstance(chunk, ActionChunk) and chunk.actions.shape == (16, 10) and chunk.latency_s > 0
+
+
+def test_ddim10_and_ddpm100_give_finite_physical_actions():
+    """Random weights: DDIM (10 steps) and DDPM (100) chunks are finite, rot6d orthonormal, and the
+    clipped samples land inside the normaliser's physical range (xyz, gripper)."""
+    ds, norm = episodes()
+    cfg = tiny_config()
+    policy = DiffusionPolicy(cfg, norm).eval()
+    obs = observation(windows(ds, cfg, [5]), 0)
+    lo, hi = norm.action_min, norm.action_max
+    for sampler in ("ddim", "ddpm"):
+        policy.config.noise.sampler = sampler
+        a = policy.predict(obs).actions
+        assert np.all(np.isfinite(a))
+        assert np.all(a[:, :3] >= lo[:3] - 1e-6) and np.all(a[:, :3] <= hi[:3] + 1e-6)
+        assert np.all(a[:, 9] >= lo[9] - 1e-6) and np.all(a[:, 9] <= hi[9] + 1e-6)
+        mats = rot6d_to_matrix(a[:, 3:9])
+        np.testing.assert_allclose(
+            mats @ mats.transpose(0, 2, 1), np.broadcast_to(np.eye(3), mats.shape), atol=1e-9
+        )
+    assert len(policy.ddim.timesteps) == 10 or policy.config.noise.sampler == "ddpm"
+
+
+# ----------------------------------------------------------------------------- the exported step
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+def test_denoise_step_reproduces_the_policy_loop(sampler):
+    """A loop of denoise_step + a fresh diffusers scheduler (what the ONNX engine runs) gives the
+    policy's own chunk from the same noise."""
+    ds, norm = episodes()
+    cfg = tiny_config()
+    torch.manual_seed(1)
+    policy = DiffusionPolicy(cfg, norm).eval()
+    b = windows(ds, cfg, [3, 9])
+    ref = policy.predict_batch(b["state"], sampler=sampler, generator=torch.Generator().manual_seed(7))
+
+    kw = dict(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    sched = DDIMScheduler(**kw) if sampler == "ddim" else DDPMScheduler(**kw)
+    sched.set_timesteps(10 if sampler == "ddim" else 100)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        emb = policy.encode_obs(policy._normalize_state(b["state"]), {})
+        x = torch.randn((2, 16, 10), generator=g)
+        for t in sched.timesteps:
+            x = sched.step(policy.denoise_step(x, t.repeat(2), emb), t, x, generator=g).prev_sample
+    torch.testing.assert_close(policy._unnormalize_action(x), ref, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- training
+def test_loss_decreases_and_ema_follows():
+    ds, norm = episodes()
+    cfg = tiny_config()
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg, norm)
+    assert set(policy.ema_state_dict()) == set(policy.state_dict())  # before any update: live weights
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.0)
+    batch = windows(ds, cfg, list(range(0, 64, 2)))
+    losses = []
+    for _ in range(150):
+        loss = policy.compute_loss(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        policy.update_ema()
+        losses.append(loss.item())
+    first, last = np.mean(losses[:15]), np.mean(losses[-15:])
+    assert last < 0.5 * first, (first, last)
+    ema, live = policy.ema_state_dict(), policy.state_dict()
+    k = "unet.head.1.weight"
+    assert not torch.equal(ema[k], live[k])  # a moving average, not a copy
+    assert (ema[k] - live[k]).abs().max() < 0.5 * live[k].abs().max()
+
+
+@pytest.mark.slow
+def test_tiny_policy_overfits_a_few_trajectories():
+    """DDPM training on 4 windows from 4 demonstrations; the EMA policy's DDIM-10 chunks must
+    reproduce them to < 30 mm mean position error, < 6 deg mean rotation error and < 10 mm mean
+    gripper error (an untrained model is off by ~200 mm, ~50 deg, ~40 mm)."""
+    ds, norm = episodes(n=4)
+    cfg = tiny_config()
+    per_episode = len(SyntheticWindows(ds, np.arange(1), obs_horizon=2, action_horizon=16, cameras=[]))
+    data = windows(ds, cfg, [i * per_episode + 8 for i in range(4)])  # mid-motion windows
+    torch.manual_seed(0)
+    policy = DiffusionPolicy(cfg, norm)
+    opt = torch.optim.AdamW(policy.parameters(), lr=3e-3, weight_decay=0.0)
+    batch = {"state": data["state"].repeat(16, 1, 1), "action": data["action"].repeat(16, 1, 1)}
+
+    def errors(p: DiffusionPolicy) -> tuple[float, float, float]:
+        pred = p.predict_batch(data["state"], generator=torch.Generator().manual_seed(1)).double().numpy()
+        true = data["action"].double().numpy()
+        pos = np.linalg.norm(pred[..., :3] - true[..., :3], axis=-1).mean() * 1000
+        rot = rotation_error_deg(pred[..., 3:9], true[..., 3:9]).mean()
+        return pos, rot, np.abs(pred[..., 9] - true[..., 9]).mean() * 1000
+
+    before = errors(policy.eval())
+    policy.train()
+    for _ in range(1500):
+        loss = policy.compute_loss(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        policy.update_ema()
+    evaluated = DiffusionPolicy(cfg, norm)
+    evaluated.load_state_dict(policy.ema_state_dict())
+    pos, rot, grip = errors(evaluated.eval())
+    print(f"overfit: before {before}, after pos {pos:.1f} mm, rot {rot:.2f} deg, gripper {grip:.1f} mm")
+    assert pos < 30 and rot < 6 and grip < 10, (before, (pos, rot, grip))
+
+
+# ----------------------------------------------------------------------------- configs
+def test_shipped_configs_and_parameter_counts():
+    for name, cams in (("diffusion_state", ()), ("diffusion_visual", ("wrist", "scene"))):
+        cfg = DiffusionConfig.load(name)
+        assert cfg.family == "diffusion" and cfg.unet.down_dims == (256, 512, 1024)
+        assert cfg.noise.num_train_timesteps == 100 and cfg.noise.num_inference_steps == 10
+        assert DiffusionConfig.from_dict(cfg.to_dict()) == cfg
+        policy = DiffusionPolicy(cfg)
+        n = sum(p.numel() for p in policy.parameters())
+        assert 60e6 < n < 80e6, n  # DP-C with the published U-Net: 65.9M in the paper (state)
+        assert policy.cameras == cams
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match="unknown config keys"):
+        DiffusionConfig.from_dict({"unet_dims": [1]})
+    with pytest.raises(ValueError, match="unknown keys in config section 'noise'"):
+        DiffusionConfig.from_dict({"noise": {"steps": 3}})
+    with pytest.raises(ValueError, match="sampler"):
+        DiffusionConfig(noise=NoiseConfig(sampler="euler"))
+    with pytest.raises(ValueError, match=r"horizon 16 must be divisible by 2\*\*5"):
+        DiffusionConfig(unet=UNetConfig(down_dims=(32, 64, 128, 256, 512, 1024)))
+    with pytest.raises(ValueError, match="n_groups"):
+        DiffusionConfig(unet=UNetConfig(down_dims=(30, 60)))
+    with pytest.raises(ValueError, match="family"):
+        DiffusionConfig(family="carp")
+    with pytest.raises(FileNotFoundError, match="diffusion_state"):
+        DiffusionConfig.load(tmp_path / "nope.yaml")
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_observations_raise_clear_errors():
+    ds, norm = episodes("visual")
+    cfg = tiny_config("visual")
+    policy = DiffusionPolicy(cfg, norm).eval()
+    good = observation(windows(ds, cfg, [2]), 0)
+    policy.predict(good)  # sanity: the unmodified observation works
+
+    with pytest.raises(
+        ValueError, match=r"state must have shape \(1, 10\) \(obs_horizon, state_dim\), got \(3, 10\)"
+    ):
+        policy.predict(Observation(state=np.zeros((3, 10)), images=good.images))
+    with pytest.raises(ValueError, match=r"state must have shape"):
+        policy.predict(Observation(state=np.zeros(9), images=good.images))
+    nan_state = good.state.copy()
+    nan_state[0, 4] = np.nan
+    with pytest.raises(ValueError, match="non-finite value at step 0, dim r6d_1"):
+        policy.predict(Observation(state=nan_state, images=good.images))
+    with pytest.raises(ValueError, match="lacks camera 'scene'"):
+        policy.predict(Observation(state=good.state, images={"wrist": good.images["wrist"]}))
+    wrong_size = {**good.images, "wrist": np.zeros((1, 30, 32, 3), np.uint8)}
+    with pytest.raises(ValueError, match="camera 'wrist' image must be uint8"):
+        policy.predict(Observation(state=good.state, images=wrong_size))
+    as_float = {**good.images, "scene": good.images["scene"].astype(np.float32)}
+    with pytest.raises(ValueError, match="camera 'scene' image must be uint8"):
+        policy.predict(Observation(state=good.state, images=as_float))
+    with pytest.raises(ValueError, match=r"actions must be \(B, 16, 10\)"):
+        policy.compute_loss({"state": torch.zeros(2, 1, 10), "action": torch.zeros(2, 8, 10), "images": {}})
+    with pytest.raises(RuntimeError, match="no normalizer"):
+        DiffusionPolicy(tiny_config()).predict(Observation(state=np.zeros((2, 10))))
