@@ -7,7 +7,7 @@ weights: latency does not depend on the weights), exported to a temporary direct
 CARP torch eager, CARP ONNX (CPU; CUDA when asked and available) with a per-stage breakdown
 (encoder + scale 1, scales 2..K, decoder), and DP-C with 100 DDPM steps and 10 DDIM steps (torch and
 ONNX). DP-C needs `diffusers`; without it DP-C is skipped with a note. DP-C-100 on a CPU takes
-seconds per chunk, so DP-C measurements stop after --dpc-budget-s seconds (at least 5 runs) and say
+seconds per chunk, so DP-C measurements stop after --dpc-budget-s seconds (at least 3 runs) and say
 so. Writes latency.json (machine, providers, versions, commit, every number) and latency.png, and
 prints a table whose last line is the speed-up of CARP ONNX over DP-C-100 in this run.
 Imports no mujoco.
@@ -44,7 +44,7 @@ def stats_ms(times_s: list[float]) -> dict[str, float]:
 
 
 def measure(fn, obs_list: list, runs: int, warmup: int, budget_s: float | None = None) -> tuple[dict, list]:
-    """Time ``fn(obs)`` end to end; stop early after ``budget_s`` (never before 5 runs)."""
+    """Time ``fn(obs)`` end to end; stop early after ``budget_s`` (never before 3 runs)."""
     for i in range(warmup):
         fn(obs_list[i % len(obs_list)])
     times, t_start = [], time.perf_counter()
@@ -52,7 +52,7 @@ def measure(fn, obs_list: list, runs: int, warmup: int, budget_s: float | None =
         t0 = time.perf_counter()
         fn(obs_list[i % len(obs_list)])
         times.append(time.perf_counter() - t0)
-        if budget_s is not None and i >= 4 and time.perf_counter() - t_start > budget_s:
+        if budget_s is not None and i >= 2 and time.perf_counter() - t_start > budget_s:
             break
     return stats_ms(times), times
 
