@@ -53,6 +53,7 @@ from torch import nn
 from carp_policy.actions import Observation
 from carp_policy.carp import CarpModel, CarpPolicy
 from carp_policy.engine import MANIFEST, sha256
+from carp_policy.factory import load_torch_policy
 from carp_policy.normalization import Normalizer
 
 OPSET = 17
@@ -359,33 +360,6 @@ def _export_dpc_graphs(policy: Any, spec: dict[str, Any], out: Path) -> list[dic
 
 
 # ----------------------------------------------------------------------------- loading runs
-def load_torch_policy(run_dir: str | Path) -> Any:
-    """A ``carp-train`` run directory -> the torch policy (CarpPolicy, or DiffusionPolicy for DP-C runs)."""
-    import yaml
-
-    run = Path(run_dir)
-    cfg_path = run / "config.yaml"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"{cfg_path} missing: is {run} a carp-train run directory?")
-    raw = yaml.safe_load(cfg_path.read_text()) or {}
-    if raw.get("family", "carp") != "diffusion":
-        return CarpPolicy.from_run(run)
-    from safetensors.torch import load_file
-
-    from carp_policy.diffusion import DiffusionConfig, DiffusionPolicy
-
-    for name in ("normalization.json", "policy.safetensors"):
-        if not (run / name).exists():
-            raise FileNotFoundError(f"{run / name} missing: is {run} a finished DP-C run?")
-    policy = DiffusionPolicy(DiffusionConfig.from_dict(raw), Normalizer.load(run / "normalization.json"))
-    missing, unexpected = policy.load_state_dict(load_file(str(run / "policy.safetensors")), strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            f"DP-C checkpoint does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    return policy.eval()
-
-
 # ----------------------------------------------------------------------------- export
 def export_policy(
     policy: Any,
