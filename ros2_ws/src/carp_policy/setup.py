@@ -1,6 +1,3 @@
-import os
-from glob import glob
-
 from setuptools import find_packages, setup
 
 package_name = "carp_policy"
@@ -18,12 +15,15 @@ setup(
     zip_safe=True,
     maintainer="CARP maintainers",
     maintainer_email="maintainers@carp-robot.dev",
-    description="Learning: CARP tokenizer and transformer, observation encoders, datasets, training, ONNX export and engine, policy families (CARP, CoA, DP-C), policy node.",
+    description=(
+        "Learning: CARP tokenizer and transformer, observation encoders, datasets, traini"
+        "ng, ONNX export and engine, policy families (CARP, CoA, DP-C), policy node."
+    ),
     license="Apache-2.0",
     entry_points={
         "console_scripts": [
             "carp-train = carp_policy.train:main",
-    "carp-dataset = carp_policy.dataset.cli:main",
+            "carp-dataset = carp_policy.dataset.cli:main",
             "carp-export = carp_policy.export:main",
         ],
     },

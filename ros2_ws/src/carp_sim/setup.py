@@ -1,6 +1,3 @@
-import os
-from glob import glob
-
 from setuptools import find_packages, setup
 
 package_name = "carp_sim"
@@ -18,7 +15,10 @@ setup(
     zip_safe=True,
     maintainer="CARP maintainers",
     maintainer_email="maintainers@carp-robot.dev",
-    description="MuJoCo twin of the UR5e cell: scene, tasks and success checks, scripted experts, demonstration collection.",
+    description=(
+        "MuJoCo twin of the UR5e cell: scene, tasks and success checks, scripted experts,"
+        " demonstration collection."
+    ),
     license="Apache-2.0",
     entry_points={
         "console_scripts": ["carp-sim = carp_sim.cli:main"],

@@ -31,6 +31,7 @@ class TokenizerConfig:
     beta: float = 0.25  # commitment weight
     phi_ratio: float = 0.5  # phi_k(x) = (1 - r) x + r conv(x), as in VAR
     revive_every: int = 200  # training steps between dead-code re-initialisations (0: never)
+    lookup: str = "l2"  # nearest-code metric: "l2" (matches magnitude too) or "cosine" (the paper's)
 
 
 @dataclass
@@ -98,6 +99,8 @@ class CarpConfig:
             raise ValueError(f"tokenizer.scales must end at latent_len={tok.latent_len}, got {tok.scales}")
         if tok.horizon != 4 * tok.latent_len:
             raise ValueError("tokenizer.horizon must be 4 x latent_len (two stride-2 convolutions)")
+        if tok.lookup not in ("l2", "cosine"):
+            raise ValueError(f"tokenizer.lookup must be 'l2' or 'cosine', got {tok.lookup!r}")
         if self.encoder.kind not in ("state", "visual"):
             raise ValueError(f"encoder.kind must be 'state' or 'visual', got {self.encoder.kind!r}")
         if self.encoder.kind == "visual" and not self.encoder.cameras:
