@@ -1,0 +1,129 @@
+"""Cross-package tests: the evaluation protocol, and collect -> train -> export -> evaluate end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from carp_bringup.evaluate import EvalConfig, run_trial, wilson_interval
+from carp_policy.actions import ActionChunk, Observation
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "1"}
+
+
+def test_wilson_interval_matches_known_values():
+    lo, hi = wilson_interval(18, 20)
+    assert lo == pytest.approx(0.6990, abs=1e-3) and hi == pytest.approx(0.9721, abs=1e-3)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+class _ClockCell:
+    """A cell with a clock only: records which targets arrive and when (no physics needed)."""
+
+    max_duration_s = 1.0
+
+    def __init__(self) -> None:
+        self.time, self.done, self.received = 0.0, False, []
+
+    def reset(self, seed: int) -> Observation:
+        self.time, self.received = 0.0, []
+        return Observation(state=np.zeros(10), timestamp=0.0)
+
+    def step(self, action: np.ndarray) -> Observation:
+        self.received.append((round(self.time, 3), float(action[0])))
+        self.time += 0.1
+        return Observation(state=np.zeros(10), timestamp=self.time)
+
+    def hold(self, seconds: float) -> None:
+        self.time += seconds
+
+    def outcome(self):
+        return type("Outcome", (), {"success": False, "reason": "timeout"})()
+
+
+class _SlowPolicy:
+    """Labels step i of each chunk with its planned time; 'thinks' for 0.25 s of sim time."""
+
+    obs_horizon, cameras = 1, ()
+
+    def __init__(self, cell: _ClockCell) -> None:
+        self.cell = cell
+
+    def reset(self) -> None:
+        pass
+
+    def predict(self, obs: Observation) -> ActionChunk:
+        acts = np.zeros((16, 10))
+        acts[:, 3] = acts[:, 7] = 1.0
+        acts[:, 0] = obs.timestamp + 0.1 * np.arange(1, 17)  # x = the time the step is meant for
+        self.cell.hold(0.25)  # inference time passes in the world (as carp-eval's hold() does)
+        return ActionChunk(acts, timestamp=obs.timestamp)
+
+
+def test_run_trial_drops_steps_whose_time_has_passed():
+    cell = _ClockCell()
+    cfg = EvalConfig(execute_steps=3, account_latency=False, videos=0)
+    r = run_trial(cell, _SlowPolicy(cell), seed=0, cfg=cfg)
+    assert r.plans >= 2 and r.steps == len(cell.received)
+    # every executed target is meant for a time after the moment it is sent (no stale steps)
+    assert all(meant > sent for sent, meant in cell.received)
+    # 0.25 s of thinking makes the first two steps (t+0.1, t+0.2) stale: the first sent is t+0.3
+    assert cell.received[0] == (0.25, pytest.approx(0.3))
+
+
+def test_carp_eval_expert_writes_results_and_summary(tmp_path: Path):
+    out = tmp_path / "eval"
+    cmd = [str(BIN / "carp-eval"), "--task", "cup", "--policy", "expert", "--trials", "2", "--videos", "1"]
+    res = subprocess.run([*cmd, "--out", str(out)], env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["trials"] == 2 and summary["successes"] == 2
+    assert [t["seed"] for t in summary["per_trial"]] == [10_000, 10_001]
+    assert summary["latency_ms"]["count"] > 0 and summary["latency_ms"]["p50"] > 0
+    assert (out / "summary.png").stat().st_size > 10_000
+    assert len(list(out.glob("rollout_00_*.mp4"))) == 1
+    assert "2/2 succeeded" in res.stdout
+
+
+def test_carp_eval_reports_a_missing_policy_clearly(tmp_path: Path):
+    res = subprocess.run(
+        [str(BIN / "carp-eval"), "--policy", str(tmp_path / "nope"), "--trials", "1", "--out", str(tmp_path)],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "no policy at" in res.stderr
+
+
+@pytest.mark.slow
+def test_collect_train_export_evaluate_end_to_end(tmp_path: Path):
+    """The whole pipeline through its command-line tools on a tiny budget (plumbing, not skill)."""
+
+    def run(*args: str, timeout: int = 600) -> str:
+        res = subprocess.run(list(args), env=ENV, capture_output=True, text=True, timeout=timeout)
+        assert res.returncode == 0, f"{args[0]} failed:\n{res.stderr[-3000:]}"
+        return res.stdout
+
+    data, run_dir, model, out = tmp_path / "data", tmp_path / "run", tmp_path / "model", tmp_path / "eval"
+    run(str(BIN / "carp-sim"), "collect", "--task", "cup", "--episodes", "3", "--out", str(data))
+    assert "OK" in run(str(BIN / "carp-dataset"), "validate", str(data))
+    run(
+        str(BIN / "carp-train"), "--config", "state", "--dataset", str(data), "--out", str(run_dir),
+        "--tokenizer-steps", "30", "--policy-steps", "10", "--batch-size", "16", "--device", "cpu",
+    )  # fmt: skip
+    run(str(BIN / "carp-export"), "--run", str(run_dir), "--out", str(model))
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["family"] == "carp" and manifest["parity"]["tokens_equal"]
+    run(str(BIN / "carp-eval"), "--policy", str(model), "--trials", "1", "--videos", "0", "--out", str(out))
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["trials"] == 1 and summary["latency_ms"]["count"] >= 1
+    assert summary["per_trial"][0]["steps"] > 0
