@@ -243,8 +243,11 @@ def train_tokenizer(
         nn.utils.clip_grad_norm_(tok.parameters(), tc.grad_clip)
         opt.step()
         sched.step()
-        # revive dead codes periodically, but let the codebook settle in the last 10% of training
-        if cfg.tokenizer.revive_every and (step + 1) % cfg.tokenizer.revive_every == 0 and step < 0.9 * steps:
+        # Revive dead codes periodically, but let the codebook settle in the last 10% of training.
+        # Reviving after the first step initialises the codebook from the data: with L2 lookup a
+        # random N(0, 1) codebook leaves most codes unreachable (synthetic chunks: 13 -> 0.7 deg).
+        revive = cfg.tokenizer.revive_every and (step + 1) % cfg.tokenizer.revive_every == 0
+        if cfg.tokenizer.revive_every and (step == start == 0 or revive) and step < 0.9 * steps:
             revived += tok.revive_dead_codes()
         if step % tc.log_every == 0 or step == steps - 1:
             mse = torch.mean((recon.detach() - actions) ** 2).item()

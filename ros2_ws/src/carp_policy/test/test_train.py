@@ -92,7 +92,7 @@ def test_state_run_end_to_end_with_resume(tmp_path):
         "policy_report.json",
     ):
         assert (run / name).exists(), name
-    assert "codebook used per dim" in r.stdout and "validation (EMA, greedy)" in r.stdout
+    assert "codebook used per dim" in r.stdout and "validation (EMA)" in r.stdout
     tok = json.loads((run / "tokenizer_report.json").read_text())
     assert len(tok["codebook"]["used_codes"]) == 10 and tok["reconstruction"]["position_mm"]["mean"] > 0
     assert set(tok["reconstruction"]["per_dim"]) >= {"x_mm", "y_mm", "z_mm", "gripper_mm", "r6d_0"}
