@@ -185,6 +185,42 @@ class ActionChunk:
         return np.concatenate([self.positions, self.rotvecs], axis=1)
 
 
+def validate_observation(
+    obs: Observation,
+    obs_horizon: int,
+    state_dim: int,
+    cameras: tuple[str, ...] | list[str],
+    image_size: tuple[int, int] | list[int] | None = None,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Check an observation against what a policy was built for; every policy and engine calls this.
+
+    Returns the state as (O, S) float64 and the images of ``cameras`` as (O, H, W, 3) uint8. A wrong
+    shape, a missing camera, a wrong image size or dtype, or a NaN raises ValueError naming it.
+    """
+    obs = obs.with_horizon()
+    O, S = obs_horizon, state_dim
+    state = np.asarray(obs.state, dtype=np.float64)
+    if state.shape != (O, S):
+        raise ValueError(
+            f"observation.state must have shape ({O}, {S}) (obs_horizon, state_dim), got {state.shape}"
+        )
+    if not np.all(np.isfinite(state)):
+        t, d = np.argwhere(~np.isfinite(state))[0]
+        raise ValueError(f"observation.state is not finite (NaN/inf) at step {t}, dim {STATE_NAMES[d]}")
+    images = {}
+    for cam in cameras:
+        if cam not in obs.images:
+            raise ValueError(f"observation is missing camera '{cam}' (got {sorted(obs.images)})")
+        img = np.asarray(obs.images[cam])
+        H, W = image_size if image_size is not None else img.shape[1:3]
+        if img.shape != (O, H, W, 3):
+            raise ValueError(f"camera '{cam}' image must have shape ({O}, {H}, {W}, 3), got {img.shape}")
+        if img.dtype != np.uint8:
+            raise ValueError(f"camera '{cam}' image must be uint8 RGB, got {img.dtype}")
+        images[cam] = np.ascontiguousarray(img)
+    return state, images
+
+
 @runtime_checkable
 class Policy(Protocol):
     """What every policy family (CARP, CoA, DP-C, the scripted expert) and engine exposes."""

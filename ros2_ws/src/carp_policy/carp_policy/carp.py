@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from carp_policy.actions import (
-    ACTION_NAMES,
     ROT6D,
     ActionChunk,
     Observation,
     matrix_to_rot6d,
     rot6d_to_matrix,
+    validate_observation,
 )
 from carp_policy.config import CarpConfig, TokenizerConfig, TransformerConfig
 from carp_policy.encoders import build_encoder
@@ -317,33 +317,15 @@ class CarpPolicy:
 
     def _batch(self, obs: Observation) -> dict:
         """Validate one observation and turn it into a normalised batch of 1."""
-        obs = obs.with_horizon()
-        O, S = self.obs_horizon, self.config.encoder.state_dim
-        state = np.asarray(obs.state, dtype=np.float64)
-        if state.shape != (O, S):
-            raise ValueError(
-                f"observation.state must have shape ({O}, {S}) (obs horizon {O}), got {state.shape}"
-            )
-        if not np.all(np.isfinite(state)):
-            t, d = np.argwhere(~np.isfinite(state))[0]
-            raise ValueError(f"observation.state is not finite (NaN/inf) at step {t}, dim {ACTION_NAMES[d]}")
-        batch: dict = {
-            "state": torch.from_numpy((state.astype(np.float32) - self._state_offset) / self._state_scale)[
-                None
-            ].to(self.device),
-            "images": {},
+        enc = self.config.encoder
+        state, images = validate_observation(
+            obs, self.obs_horizon, enc.state_dim, self.cameras, enc.image_size
+        )
+        norm = (state.astype(np.float32) - self._state_offset) / self._state_scale
+        return {
+            "state": torch.from_numpy(norm)[None].to(self.device),
+            "images": {cam: torch.from_numpy(img)[None].to(self.device) for cam, img in images.items()},
         }
-        H, W = self.config.encoder.image_size
-        for cam in self.cameras:
-            if cam not in obs.images:
-                raise ValueError(f"observation is missing camera '{cam}' (got {sorted(obs.images)})")
-            img = np.asarray(obs.images[cam])
-            if img.shape != (O, H, W, 3):
-                raise ValueError(f"camera '{cam}' image must have shape ({O}, {H}, {W}, 3), got {img.shape}")
-            if img.dtype != np.uint8:
-                raise ValueError(f"camera '{cam}' image must be uint8 RGB, got {img.dtype}")
-            batch["images"][cam] = torch.from_numpy(np.ascontiguousarray(img))[None].to(self.device)
-        return batch
 
     def predict(self, observation: Observation) -> ActionChunk:
         """Observation (O steps) -> ActionChunk of H actions in physical units, rot6d re-orthonormalised."""

@@ -20,14 +20,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from carp_policy.actions import ROT6D, STATE_NAMES, ActionChunk, Observation, matrix_to_rot6d, rot6d_to_matrix
+from carp_policy.actions import (
+    ROT6D,
+    ActionChunk,
+    Observation,
+    matrix_to_rot6d,
+    rot6d_to_matrix,
+    validate_observation,
+)
 from carp_policy.config import CONFIG_DIR, EncoderConfig, TrainConfig, _build
 from carp_policy.encoders import build_encoder
 from carp_policy.normalization import Normalizer
@@ -426,30 +432,12 @@ class DiffusionPolicy(nn.Module):
     # --------------------------------------------------------------- helpers
     def _observation_tensors(self, observation: Observation) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Validate one observation and batch it: state (1, O, S), images {cam: (1, O, H, W, 3)}."""
-        obs = observation.with_horizon()
         enc, dev = self.config.encoder, self._device()
-        want = (enc.obs_horizon, enc.state_dim)
-        if obs.state.shape != want:
-            raise ValueError(
-                f"observation state must have shape {want} (obs_horizon, state_dim), got {obs.state.shape}"
-            )
-        if not np.all(np.isfinite(obs.state)):
-            bad = np.argwhere(~np.isfinite(obs.state))[0]
-            raise ValueError(
-                f"observation state has a non-finite value at step {bad[0]}, dim {STATE_NAMES[bad[1]]}"
-            )
-        images = {}
-        for cam in self.cameras:
-            if cam not in obs.images:
-                raise ValueError(f"observation lacks camera '{cam}' (has {sorted(obs.images)})")
-            img = np.asarray(obs.images[cam])
-            want_img = (enc.obs_horizon, *enc.image_size, 3)
-            if img.shape != want_img or img.dtype != np.uint8:
-                raise ValueError(
-                    f"camera '{cam}' image must be uint8 {want_img}, got {img.dtype} {img.shape}"
-                )
-            images[cam] = torch.from_numpy(img).unsqueeze(0).to(dev)
-        return torch.from_numpy(obs.state).float().unsqueeze(0).to(dev), images
+        state, images = validate_observation(
+            observation, enc.obs_horizon, enc.state_dim, self.cameras, enc.image_size
+        )
+        batch_images = {cam: torch.from_numpy(img).unsqueeze(0).to(dev) for cam, img in images.items()}
+        return torch.from_numpy(state).float().unsqueeze(0).to(dev), batch_images
 
     def _device(self) -> torch.device:
         return next(self.parameters()).device

@@ -32,11 +32,11 @@ import onnxruntime as ort
 from carp_policy.actions import (
     ACTION_NAMES,
     ROT6D,
-    STATE_NAMES,
     ActionChunk,
     Observation,
     matrix_to_rot6d,
     rot6d_to_matrix,
+    validate_observation,
 )
 from carp_policy.normalization import Normalizer
 
@@ -304,28 +304,13 @@ class OnnxPolicy:
 
     def _feed(self, obs: Observation) -> None:
         """Validate one observation and copy it (normalised state, uint8 images) into the input buffers."""
-        obs = obs.with_horizon()
-        O, S = self.obs_horizon, int(self.spec["state_dim"])
-        state = np.asarray(obs.state, dtype=np.float64)
-        if state.shape != (O, S):
-            raise ValueError(
-                f"observation.state must have shape ({O}, {S}) (obs horizon {O}), got {state.shape}"
-            )
-        if not np.all(np.isfinite(state)):
-            t, d = np.argwhere(~np.isfinite(state))[0]
-            raise ValueError(f"observation.state is not finite (NaN/inf) at step {t}, dim {STATE_NAMES[d]}")
+        state, images = validate_observation(
+            obs, self.obs_horizon, int(self.spec["state_dim"]), self.cameras, self.spec.get("image_size")
+        )
         # the same float32 arithmetic as the torch policies, so both see bit-identical inputs
         norm = (state.astype(np.float32) - self._state_offset) / self._state_scale
         self._inputs["state"].update_inplace(np.ascontiguousarray(norm[None], dtype=np.float32))
-        for cam in self.cameras:
-            if cam not in obs.images:
-                raise ValueError(f"observation is missing camera '{cam}' (got {sorted(obs.images)})")
-            img = np.asarray(obs.images[cam])
-            H, W = self.spec["image_size"]
-            if img.shape != (O, H, W, 3):
-                raise ValueError(f"camera '{cam}' image must have shape ({O}, {H}, {W}, 3), got {img.shape}")
-            if img.dtype != np.uint8:
-                raise ValueError(f"camera '{cam}' image must be uint8 RGB, got {img.dtype}")
+        for cam, img in images.items():
             self._inputs[f"image_{cam}"].update_inplace(np.ascontiguousarray(img[None]))
 
     def _run_graph(self, i: int) -> None:

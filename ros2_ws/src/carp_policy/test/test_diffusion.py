@@ -271,12 +271,12 @@ def test_bad_observations_raise_clear_errors():
         policy.predict(Observation(state=np.zeros(9), images=good.images))
     nan_state = good.state.copy()
     nan_state[0, 4] = np.nan
-    with pytest.raises(ValueError, match="non-finite value at step 0, dim r6d_1"):
+    with pytest.raises(ValueError, match=r"not finite \(NaN/inf\) at step 0, dim r6d_1"):
         policy.predict(Observation(state=nan_state, images=good.images))
-    with pytest.raises(ValueError, match="lacks camera 'scene'"):
+    with pytest.raises(ValueError, match="missing camera 'scene'"):
         policy.predict(Observation(state=good.state, images={"wrist": good.images["wrist"]}))
     wrong_size = {**good.images, "wrist": np.zeros((1, 30, 32, 3), np.uint8)}
-    with pytest.raises(ValueError, match="camera 'wrist' image must be uint8"):
+    with pytest.raises(ValueError, match=r"camera 'wrist' image must have shape \(1, "):
         policy.predict(Observation(state=good.state, images=wrong_size))
     as_float = {**good.images, "scene": good.images["scene"].astype(np.float32)}
     with pytest.raises(ValueError, match="camera 'scene' image must be uint8"):
