@@ -194,6 +194,15 @@ def _save_state(path: Path, **items: Any) -> None:
     tmp.replace(path)  # atomic: a crash mid-save never leaves a half-written resume file
 
 
+def _load_state(path: Path, device: torch.device, **modules: Any) -> int:
+    """Restore what ``_save_state`` wrote into ``modules`` (by key) and the RNG; return the step."""
+    st = torch.load(path, map_location=device, weights_only=False)
+    for key, module in modules.items():
+        module.load_state_dict(st[key])
+    torch.set_rng_state(st["rng"])
+    return st["step"]
+
+
 def _loader(ds: Dataset, cfg: CarpConfig, seed: int, shuffle: bool = True) -> DataLoader:
     return DataLoader(
         ds,
@@ -225,12 +234,7 @@ def train_tokenizer(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(tc.warmup_steps, steps))
     state_path, start = run / "train_state_tokenizer.pt", 0
     if resume and state_path.exists():
-        st = torch.load(state_path, map_location=norm.device, weights_only=False)
-        tok.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        start = st["step"]
-        torch.set_rng_state(st["rng"])
+        start = _load_state(state_path, norm.device, model=tok, opt=opt, sched=sched)
     log = LossLog(run / "loss_tokenizer.csv", ["step", "loss", "recon_mse", "lr"], resume)
     it = infinite(_loader(data, cfg, seed))
     revived, t0 = 0, time.perf_counter()
@@ -344,13 +348,7 @@ def train_policy(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(tc.warmup_steps, steps))
     state_path, start = run / "train_state_policy.pt", 0
     if resume and state_path.exists():
-        st = torch.load(state_path, map_location=device, weights_only=False)
-        net.load_state_dict(st["model"])
-        ema.load_state_dict(st["ema"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        start = st["step"]
-        torch.set_rng_state(st["rng"])
+        start = _load_state(state_path, device, model=net, ema=ema, opt=opt, sched=sched)
     fields = ["step", "loss", *(["token_acc"] if is_carp else []), "lr"]
     log = LossLog(run / "loss_policy.csv", fields, resume)
     it = infinite(_loader(data, cfg, seed + 1))
