@@ -249,9 +249,12 @@ def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", 
     from carp_sim.env import SimCell, SimConfig
 
     out.mkdir(parents=True, exist_ok=True)
-    cell = SimCell(task=cfg.task, config=sim_config or SimConfig())
     is_expert = policy_spec == "expert"
     policy = None if is_expert else load_policy(policy_spec, device=device)
+    if sim_config is None:  # render only the cameras the policy looks at (none for state policies)
+        cams = () if policy is None else tuple(policy.cameras)
+        sim_config = SimConfig(cameras=cams, render=bool(cams))
+    cell = SimCell(task=cfg.task, config=sim_config)
     results: list[TrialResult] = []
     bar = tqdm(range(cfg.trials), desc=f"eval {cfg.task}", unit="trial")
     try:

@@ -104,11 +104,15 @@ class Observation:
     state:  (O, STATE_DIM) float, oldest first, the last row is "now" (a (STATE_DIM,) array is O=1).
     images: camera name -> (O, H, W, 3) uint8 RGB, oldest first (an (H, W, 3) array is O=1).
     timestamp: time of the newest sample, seconds (sim time in the twin, ROS time on the robot).
+    env_state: (O, E) float or None: the scene's state (object and target poses) where something
+        measures it. The twin always does (privileged, LeRobot's ``observation.environment_state``);
+        a real cell has none unless a perception module provides it.
     """
 
     state: np.ndarray
     images: dict[str, np.ndarray] = field(default_factory=dict)
     timestamp: float = 0.0
+    env_state: np.ndarray | None = None
 
     def with_horizon(self) -> Observation:
         """Return a copy with explicit leading time axes on state and images."""
@@ -119,7 +123,10 @@ class Observation:
         for k, v in self.images.items():
             v = np.asarray(v)
             images[k] = v[None] if v.ndim == 3 else v
-        return Observation(state=state, images=images, timestamp=self.timestamp)
+        env = None if self.env_state is None else np.asarray(self.env_state)
+        if env is not None and env.ndim == 1:
+            env = env[None]
+        return Observation(state=state, images=images, timestamp=self.timestamp, env_state=env)
 
 
 @dataclass
@@ -191,11 +198,14 @@ def validate_observation(
     state_dim: int,
     cameras: tuple[str, ...] | list[str],
     image_size: tuple[int, int] | list[int] | None = None,
+    env_state_dim: int = 0,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Check an observation against what a policy was built for; every policy and engine calls this.
 
-    Returns the state as (O, S) float64 and the images of ``cameras`` as (O, H, W, 3) uint8. A wrong
-    shape, a missing camera, a wrong image size or dtype, or a NaN raises ValueError naming it.
+    Returns the policy's state as (O, S + E) float64 (the environment state appended when the
+    policy uses one, ``env_state_dim`` = E > 0) and the images of ``cameras`` as (O, H, W, 3) uint8.
+    A wrong shape, a missing camera or environment state, a wrong image size or dtype, or a NaN
+    raises ValueError naming it.
     """
     obs = obs.with_horizon()
     O, S = obs_horizon, state_dim
@@ -207,6 +217,22 @@ def validate_observation(
     if not np.all(np.isfinite(state)):
         t, d = np.argwhere(~np.isfinite(state))[0]
         raise ValueError(f"observation.state is not finite (NaN/inf) at step {t}, dim {STATE_NAMES[d]}")
+    if env_state_dim:
+        if obs.env_state is None:
+            raise ValueError(
+                f"this policy needs observation.env_state ({env_state_dim} numbers: object poses, as "
+                "the twin measures them); the observation has none"
+            )
+        env = np.asarray(obs.env_state, dtype=np.float64)
+        if env.shape != (O, env_state_dim):
+            raise ValueError(
+                f"observation.env_state must have shape ({O}, {env_state_dim}) (obs_horizon, "
+                f"env_state_dim), got {env.shape}"
+            )
+        if not np.all(np.isfinite(env)):
+            t, d = np.argwhere(~np.isfinite(env))[0]
+            raise ValueError(f"observation.env_state is not finite (NaN/inf) at step {t}, dim {d}")
+        state = np.concatenate([state, env], axis=1)
     images = {}
     for cam in cameras:
         if cam not in obs.images:
@@ -255,4 +281,7 @@ class ObservationHistory:
         items = [self._items[0]] * (self.horizon - len(self._items)) + self._items
         state = np.stack([np.asarray(o.state).reshape(-1) for o in items])
         images = {k: np.stack([o.images[k] for o in items]) for k in obs.images}
-        return Observation(state=state, images=images, timestamp=obs.timestamp)
+        env = None
+        if obs.env_state is not None:
+            env = np.stack([np.asarray(o.env_state).reshape(-1) for o in items])
+        return Observation(state=state, images=images, timestamp=obs.timestamp, env_state=env)

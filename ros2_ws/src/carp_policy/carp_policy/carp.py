@@ -319,7 +319,7 @@ class CarpPolicy:
         """Validate one observation and turn it into a normalised batch of 1."""
         enc = self.config.encoder
         state, images = validate_observation(
-            obs, self.obs_horizon, enc.state_dim, self.cameras, enc.image_size
+            obs, self.obs_horizon, enc.state_dim, self.cameras, enc.image_size, enc.env_state_dim
         )
         norm = (state.astype(np.float32) - self._state_offset) / self._state_scale
         return {

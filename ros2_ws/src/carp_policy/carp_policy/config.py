@@ -40,7 +40,8 @@ class EncoderConfig:
 
     kind: str = "state"  # "state" | "visual"
     obs_horizon: int = 2  # O: observation steps the policy sees
-    state_dim: int = 10
+    state_dim: int = 10  # robot state: [x, y, z, r6d(6), gripper]
+    env_state_dim: int = 0  # environment state appended to it (object poses; the twin measures them)
     cameras: tuple[str, ...] = ()  # visual only, e.g. ("wrist", "scene")
     image_size: tuple[int, int] = (120, 160)  # (H, W) of incoming frames
     crop_size: tuple[int, int] = (108, 144)  # random crop in training, center crop at eval
@@ -49,6 +50,11 @@ class EncoderConfig:
     pretrained_path: str | None = None  # optional trunk state dict (full width only); never required
     hidden: int = 256  # MLP width of the state encoder / fusion MLP
     out_dim: int = 128  # observation embedding size (= transformer conditioning size)
+
+    @property
+    def input_state_dim(self) -> int:
+        """Width of the state vector the policy sees: robot state + environment state."""
+        return self.state_dim + self.env_state_dim
 
 
 @dataclass

@@ -434,7 +434,7 @@ class DiffusionPolicy(nn.Module):
         """Validate one observation and batch it: state (1, O, S), images {cam: (1, O, H, W, 3)}."""
         enc, dev = self.config.encoder, self._device()
         state, images = validate_observation(
-            observation, enc.obs_horizon, enc.state_dim, self.cameras, enc.image_size
+            observation, enc.obs_horizon, enc.state_dim, self.cameras, enc.image_size, enc.env_state_dim
         )
         batch_images = {cam: torch.from_numpy(img).unsqueeze(0).to(dev) for cam, img in images.items()}
         return torch.from_numpy(state).float().unsqueeze(0).to(dev), batch_images

@@ -98,7 +98,7 @@ class StateEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.net = nn.Sequential(
-            nn.Linear(cfg.obs_horizon * cfg.state_dim, cfg.hidden),
+            nn.Linear(cfg.obs_horizon * cfg.input_state_dim, cfg.hidden),
             nn.Mish(),
             nn.Linear(cfg.hidden, cfg.hidden),
             nn.Mish(),
@@ -123,7 +123,7 @@ class VisualEncoder(nn.Module):
         )
         if cfg.pretrained_path:
             self.load_pretrained(cfg.pretrained_path)
-        feat = len(self.cameras) * 2 * cfg.keypoints + cfg.obs_horizon * cfg.state_dim
+        feat = len(self.cameras) * 2 * cfg.keypoints + cfg.obs_horizon * cfg.input_state_dim
         self.fuse = nn.Sequential(nn.Linear(feat, cfg.hidden), nn.Mish(), nn.Linear(cfg.hidden, cfg.out_dim))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

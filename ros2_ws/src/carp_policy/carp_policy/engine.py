@@ -217,7 +217,7 @@ class OnnxPolicy:
 
     def _check_obs_spec(self, g: dict[str, Any]) -> None:
         """The first graph's inputs must be exactly what the observation spec says the node feeds."""
-        O, S = self.obs_horizon, int(self.spec["state_dim"])
+        O, S = self.obs_horizon, int(self.spec["state_dim"]) + int(self.spec.get("env_state_dim", 0))
         want = {"state": {"shape": [1, O, S], "dtype": "float32"}}
         for cam in self.cameras:
             H, W = self.spec["image_size"]
@@ -266,7 +266,9 @@ class OnnxPolicy:
         images = {
             c: np.zeros((self.obs_horizon, *self.spec["image_size"], 3), np.uint8) for c in self.cameras
         }
-        obs = Observation(state=np.tile(mid, (self.obs_horizon, 1)), images=images)
+        mid = np.tile(mid, (self.obs_horizon, 1))  # (O, state_dim + env_state_dim)
+        S, E = int(self.spec["state_dim"]), int(self.spec.get("env_state_dim", 0))
+        obs = Observation(state=mid[:, :S], images=images, env_state=mid[:, S:] if E else None)
         for _ in range(runs):
             self._run(obs)
         self.reset()
@@ -305,7 +307,12 @@ class OnnxPolicy:
     def _feed(self, obs: Observation) -> None:
         """Validate one observation and copy it (normalised state, uint8 images) into the input buffers."""
         state, images = validate_observation(
-            obs, self.obs_horizon, int(self.spec["state_dim"]), self.cameras, self.spec.get("image_size")
+            obs,
+            self.obs_horizon,
+            int(self.spec["state_dim"]),
+            self.cameras,
+            self.spec.get("image_size"),
+            int(self.spec.get("env_state_dim", 0)),
         )
         # the same float32 arithmetic as the torch policies, so both see bit-identical inputs
         norm = (state.astype(np.float32) - self._state_offset) / self._state_scale

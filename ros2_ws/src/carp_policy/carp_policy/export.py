@@ -200,16 +200,25 @@ def _export_graph(
     }
 
 
-def observation_spec(encoder_cfg: Any) -> dict[str, Any]:
-    """What the node must feed: state layout, obs horizon, cameras and image size."""
+def observation_spec(encoder_cfg: Any, state_names: list[str] | None = None) -> dict[str, Any]:
+    """What the node must feed: state layout, obs horizon, cameras and image size.
+
+    state_names: the training data's names of the policy's state vector (robot state, then the
+    environment state if the policy uses one)."""
     from carp_policy.actions import STATE_NAMES
 
     cams = list(encoder_cfg.cameras) if encoder_cfg.kind == "visual" else []
+    S, E = encoder_cfg.state_dim, encoder_cfg.env_state_dim
+    names = list(state_names) if state_names and len(state_names) == S + E else None
+    env_names = names[S:] if names else [f"env_{i}" for i in range(E)]
     return {
         "obs_horizon": encoder_cfg.obs_horizon,
-        "state_dim": encoder_cfg.state_dim,
-        "state_names": STATE_NAMES[: encoder_cfg.state_dim],
+        "state_dim": S,
+        "state_names": STATE_NAMES[:S],
         "state_units": "x, y, z in m (robot base frame); rotation6d; gripper opening in m",
+        # appended to the state inside the graph input "state" (obs_horizon, state_dim + env_state_dim)
+        "env_state_dim": E,
+        "env_state_names": env_names,
         "cameras": cams,
         "image_size": list(encoder_cfg.image_size) if cams else None,
         "image_format": "uint8 RGB, (obs_horizon, H, W, 3), oldest first" if cams else None,
@@ -220,18 +229,19 @@ def _random_observation(
     spec: dict[str, Any], normalizer: Normalizer, rng: np.random.Generator
 ) -> Observation:
     """A random but plausible observation: state inside the normalisation range, random images."""
-    O, S = spec["obs_horizon"], spec["state_dim"]
+    O, S, E = spec["obs_horizon"], spec["state_dim"], spec.get("env_state_dim", 0)
     lo, hi = normalizer.state_min, normalizer.state_max
-    state = lo + (hi - lo) * rng.uniform(-0.1, 1.1, size=(O, S))
+    full = lo + (hi - lo) * rng.uniform(-0.1, 1.1, size=(O, S + E))
     images = {}
     for cam in spec["cameras"]:
         H, W = spec["image_size"]
         images[cam] = rng.integers(0, 256, size=(O, H, W, 3), dtype=np.uint8)
-    return Observation(state=state, images=images, timestamp=0.0)
+    env = full[:, S:] if E else None
+    return Observation(state=full[:, :S], images=images, timestamp=0.0, env_state=env)
 
 
 def _example_inputs(spec: dict[str, Any]) -> tuple[list[torch.Tensor], list[str]]:
-    O, S = spec["obs_horizon"], spec["state_dim"]
+    O, S = spec["obs_horizon"], spec["state_dim"] + spec.get("env_state_dim", 0)
     args, names = [torch.zeros(1, O, S)], ["state"]
     for cam in spec["cameras"]:
         H, W = spec["image_size"]
@@ -385,7 +395,7 @@ def export_policy(
     log = print if verbose else (lambda *a, **k: None)
     is_carp = isinstance(policy, CarpPolicy)
     cfg = policy.config
-    spec = observation_spec(cfg.encoder)
+    spec = observation_spec(cfg.encoder, policy.normalizer.state_names)
     t0 = time.perf_counter()
     with torch.no_grad():
         if is_carp:

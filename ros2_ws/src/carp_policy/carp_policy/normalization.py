@@ -7,7 +7,7 @@ The stats travel with the checkpoint as ``normalization.json``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +28,12 @@ class Normalizer:
     state_max: np.ndarray
     action_min: np.ndarray
     action_max: np.ndarray
+    state_names: list[str] = field(default_factory=list)  # of the policy's state vector, if known
 
     @classmethod
     def from_stats(cls, stats: dict[str, dict[str, Any]]) -> Normalizer:
-        """From dataset stats ``{"observation.state"|"action": {"min", "max", ...}}``."""
+        """From dataset stats ``{"observation.state"|"action": {"min", "max", ...}}`` (and optional
+        ``"state_names"``)."""
         for key in ("observation.state", "action"):
             if key not in stats or "min" not in stats[key] or "max" not in stats[key]:
                 raise ValueError(f"dataset stats lack '{key}' min/max")
@@ -41,6 +43,7 @@ class Normalizer:
             f("observation.state", "max"),
             f("action", "min"),
             f("action", "max"),
+            list(stats.get("state_names", [])),
         )
 
     @staticmethod
@@ -78,6 +81,7 @@ class Normalizer:
             "observation.state": {"min": self.state_min.tolist(), "max": self.state_max.tolist()},
             "action": {"min": self.action_min.tolist(), "max": self.action_max.tolist()},
             "scheme": "xyz and gripper min-max to [-1, 1]; rot6d unchanged",
+            "state_names": list(self.state_names),
         }
 
     def save(self, path: str | Path) -> None:

@@ -59,7 +59,14 @@ def make_episode(
     poses = np.concatenate([path[:, :3], matrix_to_rot6d(rot), path[:, 4:5]], axis=1)  # (T+1, 10)
     state, action = poses[:-1], poses[1:]  # the action is the next commanded pose
     images = {cam: render(cam, state, pick, image_size) for cam in cameras}
-    return {"state": state.astype(np.float32), "action": action.astype(np.float32), "images": images}
+    # (T, 8) laid out as the twin's: object position, object up axis, place target xy
+    env_state = np.tile(np.r_[pick, 0.0, 0.0, 1.0, place[:2]], (len(state), 1))
+    return {
+        "state": state.astype(np.float32),
+        "action": action.astype(np.float32),
+        "images": images,
+        "env_state": env_state.astype(np.float32),
+    }
 
 
 def render(camera: str, state: np.ndarray, obj: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -94,11 +101,20 @@ class SyntheticEpisodes:
         seed: int = 0,
         image_size: tuple[int, int] = (120, 160),
         cameras: tuple[str, ...] = ("wrist", "scene"),
+        env_state_dim: int = 0,
     ) -> None:
+        """env_state_dim: 0, or up to 8 numbers of [object xyz, object up axis, target xy] appended
+        to the state (as ``EpisodeDataset`` does with an environment-state key)."""
+        if not 0 <= env_state_dim <= 8:
+            raise ValueError(f"synthetic episodes have 0..8 environment-state numbers, not {env_state_dim}")
         rng = np.random.default_rng(seed)
         self.cameras = list(cameras)
-        self.state_names, self.action_names = list(STATE_NAMES), list(ACTION_NAMES)
+        env_names = ["object_x", "object_y", "object_z", "object_up_x", "object_up_y", "object_up_z",
+                     "target_x", "target_y"][:env_state_dim]  # fmt: skip
+        self.state_names, self.action_names = [*STATE_NAMES, *env_names], list(ACTION_NAMES)
         self.episodes = [make_episode(rng, image_size, cameras) for _ in range(num_episodes)]
+        for ep in self.episodes:
+            ep["state"] = np.concatenate([ep["state"], ep.pop("env_state")[:, :env_state_dim]], axis=1)
 
     def __len__(self) -> int:
         return len(self.episodes)

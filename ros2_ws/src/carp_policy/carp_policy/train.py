@@ -51,18 +51,26 @@ def open_dataset(spec: str, cfg: CarpConfig, seed: int) -> tuple[Dataset, Datase
         from carp_policy.synthetic import SyntheticEpisodes, SyntheticWindows, split_episodes
 
         n = int(spec.split(":")[1]) if ":" in spec else 20
-        ds = SyntheticEpisodes(n, seed=seed, image_size=tuple(enc.image_size), cameras=tuple(cams))
+        size, env_dim = tuple(enc.image_size), enc.env_state_dim
+        ds = SyntheticEpisodes(n, seed=seed, image_size=size, cameras=tuple(cams), env_state_dim=env_dim)
         windows = SyntheticWindows
     else:
         if not Path(spec).is_dir():
             raise FileNotFoundError(f"dataset directory not found: {spec}")
-        from carp_policy.dataset import EpisodeDataset, WindowDataset, split_episodes
+        from carp_policy.dataset import EpisodeDataset, KeyMap, WindowDataset, split_episodes
+        from carp_policy.dataset.format import ENV_STATE_KEY
 
-        ds = EpisodeDataset(spec)
+        keymap = KeyMap(env_state_key=ENV_STATE_KEY) if enc.env_state_dim else None
+        ds = EpisodeDataset(spec, keymap=keymap)
         windows = WindowDataset
         missing = [c for c in cams if c not in ds.cameras]
         if missing:
             raise ValueError(f"dataset {spec} lacks camera(s) {missing} (has {ds.cameras})")
+    if len(ds.state_names) != enc.input_state_dim:
+        raise ValueError(
+            f"dataset {spec}: the policy's state has {len(ds.state_names)} numbers {ds.state_names}, the "
+            f"config expects state_dim {enc.state_dim} + env_state_dim {enc.env_state_dim}"
+        )
     if len(ds) < 2:
         raise ValueError(f"dataset {spec} has {len(ds)} episode(s); need at least 2 (train + validation)")
     train_idx, val_idx = split_episodes(len(ds), val_fraction=cfg.train.val_fraction, seed=seed)
@@ -70,7 +78,9 @@ def open_dataset(spec: str, cfg: CarpConfig, seed: int) -> tuple[Dataset, Datase
     train = windows(ds, train_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     val = windows(ds, val_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     actions_only = windows(ds, train_idx, obs_horizon=1, action_horizon=H, cameras=[])
-    return train, val, actions_only, Normalizer.from_stats(ds.stats()), ds
+    normalizer = Normalizer.from_stats(ds.stats())
+    normalizer.state_names = list(ds.state_names)
+    return train, val, actions_only, normalizer, ds
 
 
 def infinite(loader: DataLoader) -> Iterator[dict]:

@@ -15,6 +15,7 @@ from carp_policy.actions import (
     rot6d_to_rotvec,
     rotation_error_deg,
     rotvec_to_rot6d,
+    validate_observation,
 )
 
 
@@ -82,3 +83,18 @@ def test_observation_history_pads_with_first_and_keeps_last():
     s = hist.push(o3)
     assert s.state[:, 0].tolist() == [2.0, 3.0] and s.timestamp == 0.3
     assert s.images["wrist"][:, 0, 0, 0].tolist() == [2, 3]
+
+
+def test_environment_state_is_stacked_validated_and_appended():
+    hist = ObservationHistory(2)
+    hist.push(Observation(state=np.full(10, 1.0), env_state=np.full(3, 10.0)))
+    s = hist.push(Observation(state=np.full(10, 2.0), env_state=np.full(3, 20.0)))
+    assert s.env_state.shape == (2, 3) and s.env_state[:, 0].tolist() == [10.0, 20.0]
+    state, _ = validate_observation(s, 2, 10, (), env_state_dim=3)
+    assert state.shape == (2, 13) and state[1].tolist() == [2.0] * 10 + [20.0] * 3
+    # a policy without environment state ignores it; one that needs it refuses an observation without
+    assert validate_observation(s, 2, 10, ())[0].shape == (2, 10)
+    with pytest.raises(ValueError, match=r"needs observation\.env_state"):
+        validate_observation(Observation(state=s.state), 2, 10, (), env_state_dim=3)
+    with pytest.raises(ValueError, match=r"env_state must have shape \(2, 4\)"):
+        validate_observation(s, 2, 10, (), env_state_dim=4)

@@ -445,3 +445,49 @@ def test_cli_info_view_export(recorded: tuple[Path, list[dict]], tmp_path: Path)
     sub = EpisodeDataset(dst)
     assert len(sub) == 1 and sub.episode(0).metadata["exported_from"].endswith("#0")
     np.testing.assert_array_equal(sub.episode(0).action, eps[0]["action"].astype(np.float32))
+
+
+def test_environment_state_round_trip_keymap_and_export(tmp_path: Path) -> None:
+    """observation.environment_state (object poses) is written as its own LeRobot feature, read
+    appended to the state when the key map asks for it, and survives carp-dataset export."""
+    root, names = tmp_path / "env", ["object_x", "object_y", "target_x"]
+    eps = [make_episode(T, seed) for seed, T in enumerate([6, 9])]
+    envs = [np.random.default_rng(10 + i).normal(size=(len(ep["t"]), 3)) for i, ep in enumerate(eps)]
+    with DatasetWriter(root, fps=10.0, cameras=CAMS, env_state_names=names) as w:
+        for ep, env in zip(eps, envs):
+            w.begin_episode(task="pick up the cup")
+            for t in range(len(ep["t"])):
+                imgs = {c: ep["images"][c][t] for c in CAMS}
+                w.add_frame(ep["t"][t], imgs, ep["state"][t], ep["action"][t], env_state=env[t])
+            w.save_episode()
+        w.begin_episode(task="x")
+        with pytest.raises(ValueError, match="records an environment state; none was given"):
+            w.add_frame(
+                1.0, {c: eps[0]["images"][c][0] for c in CAMS}, eps[0]["state"][0], eps[0]["action"][0]
+            )  # noqa: E501
+        with pytest.raises(ValueError, match=r"env_state has non-finite value\(s\) in \['object_y'\]"):
+            w.add_frame(
+                1.0, {c: eps[0]["images"][c][0] for c in CAMS}, eps[0]["state"][0], eps[0]["action"][0],
+                env_state=np.array([0.0, np.nan, 0.0]),
+            )  # fmt: skip
+    info = json.loads((root / "meta/info.json").read_text())
+    assert info["features"]["observation.environment_state"]["names"] == names
+    assert not validate_dataset(root).errors
+    plain = EpisodeDataset(root)  # default key map: robot state only
+    assert plain.state_names == STATE_NAMES and plain.vectors(1)["state"].shape == (9, 10)
+    ds = EpisodeDataset(root, keymap=KeyMap(env_state_key="observation.environment_state"))
+    assert ds.state_names == [*STATE_NAMES, *names]
+    np.testing.assert_allclose(ds.vectors(1)["state"], np.c_[eps[1]["state"], envs[1]], atol=1e-6)
+    stats = ds.stats()["observation.state"]
+    np.testing.assert_allclose(stats["max"][10:], np.max(np.concatenate(envs), 0), atol=1e-6)
+    with pytest.raises(DatasetError, match="give the writer the same env_state_names"):
+        DatasetWriter(root, fps=10.0, cameras=CAMS)
+    with pytest.raises(DatasetError, match=r"no environment state feature 'observation\.other'"):
+        EpisodeDataset(root, keymap=KeyMap(env_state_key="observation.other"))
+    r = subprocess.run(
+        [sys.executable, "-m", "carp_policy.dataset.cli", "export", str(root), str(tmp_path / "copy")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    copy = EpisodeDataset(tmp_path / "copy", keymap=KeyMap(env_state_key="observation.environment_state"))
+    np.testing.assert_allclose(copy.vectors(0)["state"], ds.vectors(0)["state"], atol=1e-6)

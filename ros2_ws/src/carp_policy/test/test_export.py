@@ -342,6 +342,48 @@ def test_bad_observations_raise_like_the_torch_policy(carp_state, carp_visual):
             vis_policy.predict(obs)
 
 
+def test_environment_state_policy_exports_and_checks_env_state(tmp_path):
+    """A state policy that also sees the scene state (object poses): the ONNX graph takes robot +
+    environment state, the manifest names both, and an observation without it is refused."""
+    cfg = _carp_cfg("state")
+    cfg.encoder.env_state_dim = 3
+    env_lo, env_hi = np.array([-0.6, -0.3, 0.0]), np.array([-0.3, 0.3, 0.1])
+    names = [f"s{i}" for i in range(10)] + ["object_x", "object_y", "object_z"]
+    norm = Normalizer(np.r_[LO, env_lo], np.r_[HI, env_hi], LO, HI, state_names=names)
+    torch.manual_seed(1)
+    policy = CarpPolicy(cfg, None, norm)
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+    manifest = export_policy(policy, tmp_path, parity_samples=4, verbose=False)
+    spec = manifest["observation"]
+    assert spec["state_dim"] == 10 and spec["env_state_dim"] == 3
+    assert spec["env_state_names"] == ["object_x", "object_y", "object_z"]
+    assert manifest["graphs"][0]["inputs"]["state"]["shape"] == [1, 2, 13]
+    engine = OnnxPolicy(tmp_path, intra_op_threads=1)
+    rng = np.random.default_rng(5)
+    outs = []
+    for _ in range(4):
+        obs = _random_observation(engine.spec, norm, rng)
+        assert obs.state.shape == (2, 10) and obs.env_state.shape == (2, 3)
+        chunk = engine.predict(obs)
+        np.testing.assert_allclose(chunk.actions, policy.predict(obs).actions, atol=1e-4, rtol=0)
+        outs.append(chunk.actions)
+    # the environment state is an input that matters: moving only the object changes the chunk
+    moved = Observation(state=obs.state, env_state=obs.env_state + np.array([0.2, -0.3, 0.0]))
+    assert np.abs(engine.predict(moved).actions - outs[-1]).max() > 1e-6
+    for bad, pattern in (
+        (Observation(state=obs.state), "needs observation.env_state"),
+        (Observation(state=obs.state, env_state=obs.env_state[:, :2]), r"env_state must have shape \(2, 3\)"),
+        (Observation(state=obs.state, env_state=np.full((2, 3), np.nan)), "env_state is not finite"),
+    ):
+        with pytest.raises(ValueError, match=pattern):
+            engine.predict(bad)
+        with pytest.raises(ValueError, match=pattern):
+            policy.predict(bad)
+
+
 def test_nan_output_is_refused(tmp_path):
     policy = _carp_policy("state", seed=2)
     with torch.no_grad():

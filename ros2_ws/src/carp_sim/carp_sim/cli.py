@@ -41,7 +41,7 @@ def collect(
 
     from carp_policy.actions import ACTION_NAMES, STATE_NAMES
     from carp_policy.dataset import DatasetWriter
-    from carp_sim.env import SimCell, SimConfig
+    from carp_sim.env import ENV_STATE_NAMES, SimCell, SimConfig
     from carp_sim.expert import run_expert_episode
 
     if episodes < 1:
@@ -51,7 +51,7 @@ def collect(
     cams = {c: tuple(image_size) for c in env.config.cameras}
     writer = DatasetWriter(
         out, fps=env.config.control_hz, cameras=cams, state_names=STATE_NAMES,
-        action_names=ACTION_NAMES, robot_type="ur5e",
+        action_names=ACTION_NAMES, robot_type="ur5e", env_state_names=ENV_STATE_NAMES,
     )  # fmt: skip
     saved, attempts, lengths, reasons = 0, 0, [], {}
     t0 = time.perf_counter()
@@ -63,7 +63,7 @@ def collect(
             writer.begin_episode(task=TASK_TEXT[env.task.name])
 
             def record(obs, action):
-                writer.add_frame(obs.timestamp, obs.images, obs.state, action)
+                writer.add_frame(obs.timestamp, obs.images, obs.state, action, env_state=obs.env_state)
 
             outcome, steps = run_expert_episode(env, s, on_step=record)
             reasons[outcome.reason] = reasons.get(outcome.reason, 0) + 1

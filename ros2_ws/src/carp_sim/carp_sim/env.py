@@ -25,7 +25,12 @@ from carp_sim.cell import ARM_KP, ARM_KV, GRIPPER_STROKE, build_model
 from carp_sim.tasks import HOME_Q, EpisodeLayout, TaskConfig, TaskOutcome, check, sample_layout, unrecoverable
 
 CAMERAS = ("wrist", "scene")
-__all__ = ["CAMERAS", "SimCell", "SimConfig", "TaskOutcome"]
+# Privileged scene state in every observation (LeRobot's observation.environment_state): the task
+# object's base position, its up axis (tilt; the objects are round, so yaw carries nothing) and the
+# centre of the place target (the green area or the pot).
+ENV_STATE_NAMES = ["object_x", "object_y", "object_z", "object_up_x", "object_up_y", "object_up_z",
+                   "target_x", "target_y"]  # fmt: skip
+__all__ = ["CAMERAS", "ENV_STATE_NAMES", "SimCell", "SimConfig", "TaskOutcome"]
 
 
 @dataclass
@@ -237,8 +242,12 @@ class SimCell:
 
     # ------------------------------------------------------------------ observation
     def observe(self) -> Observation:
-        """Measured TCP pose + gripper opening (10,), camera images (H, W, 3) uint8, sim time."""
+        """Measured TCP pose + gripper opening (10,), camera images (H, W, 3) uint8, sim time, and the
+        privileged scene state (8,) (see ``ENV_STATE_NAMES``)."""
         state = pose_to_vector(self.data.site_xpos[self._tcp], self.tcp_pose()[:3, :3], self.gripper_opening)
+        d = self.data
+        up = d.xmat[self._obj_body].reshape(3, 3)[:, 2]
+        env_state = np.concatenate([d.xpos[self._obj_body], up, d.xpos[self._target_body][:2]])
         images = {}
         if self.config.render:
             if self._renderer is None:
@@ -246,7 +255,7 @@ class SimCell:
             for cam in self.config.cameras:
                 self._renderer.update_scene(self.data, camera=cam)
                 images[cam] = self._renderer.render().copy()
-        return Observation(state=state, images=images, timestamp=self.time)
+        return Observation(state=state, images=images, timestamp=self.time, env_state=env_state)
 
     def render_video_frame(self, height: int = 240, width: int = 320) -> np.ndarray:
         """A larger scene-camera view (H, W, 3) uint8 for rollout videos."""

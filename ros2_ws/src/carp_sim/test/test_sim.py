@@ -34,6 +34,39 @@ def test_measured_tcp_matches_kinematics_and_tracks_targets(cup_env):
     assert obs.timestamp == pytest.approx(0.3)
 
 
+def test_observation_carries_the_privileged_scene_state(cup_env):
+    from carp_sim.env import ENV_STATE_NAMES
+
+    obs = cup_env.reset(3)
+    assert obs.env_state.shape == (len(ENV_STATE_NAMES),) == (8,)
+    pos, rot = cup_env.object_pose()
+    np.testing.assert_allclose(obs.env_state[:3], pos)
+    np.testing.assert_allclose(obs.env_state[3:6], rot[:, 2])  # upright cup: up axis ~ +z
+    assert obs.env_state[5] > 0.99
+    np.testing.assert_allclose(obs.env_state[6:], cup_env.layout.target_xy, atol=1e-9)
+    tipped = (np.cos(0.5), np.sin(0.5), 0.0, 0.0)  # 57 deg about x
+    cup_env.set_object_pose(pos + np.array([0.05, 0.0, 0.0]), tipped)
+    env = cup_env.observe().env_state
+    assert env[0] == pytest.approx(pos[0] + 0.05) and env[5] == pytest.approx(np.cos(1.0))
+
+
+def test_unreachable_target_holds_the_arm_and_counts_an_ik_failure(cup_env):
+    obs = cup_env.reset(0)
+    start = cup_env.tcp_pose()
+    far = obs.state.copy()
+    far[:3] = [-1.6, 0.0, 0.3]  # beyond the UR5e's reach: the servo ticks stop part-way
+    obs = cup_env.step(far)
+    assert cup_env.ik_failures == 1
+    moved = cup_env.tcp_pose()[:3, 3] - start[:3, 3]
+    assert 0.0 < np.linalg.norm(moved) < 0.3 and moved[0] < 0.0  # went towards it, then held
+    back = obs.state.copy()
+    back[:3] = start[:3, 3]  # the next reachable target is followed again
+    for _ in range(5):
+        obs = cup_env.step(back)
+    assert cup_env.ik_failures == 1
+    assert np.linalg.norm(obs.state[:3] - start[:3, 3]) < 2e-3
+
+
 @pytest.mark.parametrize("task,seeds", [("cup", (0, 1)), ("bowl", (0, 1))])
 def test_expert_succeeds_on_fixed_seeds(task, seeds):
     with SimCell(task, SimConfig(render=False)) as env:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .format import DatasetError, VideoConfig, VideoEncoder
-from .reader import EpisodeDataset
+from .format import ENV_STATE_KEY, INFO_PATH, DatasetError, VideoConfig, VideoEncoder, read_json
+from .reader import EpisodeDataset, KeyMap
 from .validate import validate_dataset
 from .writer import DatasetWriter
 
@@ -56,6 +56,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     cams = ", ".join(f"{c} {h}x{w}" for c, (h, w) in s["cameras"].items())
     print(f"cameras   {cams or '-'}")
     print(f"state     {len(ds.state_names)} dims {ds.state_names}")
+    env = ds.info["features"].get(ENV_STATE_KEY)
+    if env is not None and ds.keymap.env_state_key is None:
+        print(f"env state {env['shape'][0]} dims {env.get('names')}")
     print(f"action    {len(ds.action_names)} dims {ds.action_names}")
     print(f"size      {size / 1e6:.1f} MB")
     print("tasks")
@@ -160,7 +163,12 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    src = EpisodeDataset(args.src, keymap=args.keymap)
+    keymap, env_names = args.keymap, []
+    feats = read_json(Path(args.src) / INFO_PATH).get("features", {})
+    if keymap is None and ENV_STATE_KEY in feats:  # carry the environment state over
+        keymap, env_names = KeyMap(env_state_key=ENV_STATE_KEY), list(feats[ENV_STATE_KEY]["names"])
+    src = EpisodeDataset(args.src, keymap=keymap)
+    S = len(src.state_names) - len(env_names)
     idx = parse_episode_list(args.episodes, len(src)) if args.episodes else list(range(len(src)))
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir()):
@@ -174,9 +182,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         dst,
         fps=src.fps,
         cameras=cams,
-        state_names=src.state_names,
+        state_names=src.state_names[:S],
         action_names=src.action_names,
         robot_type=src.info.get("robot_type"),
+        env_state_names=env_names,
     ) as w:
         for i in tqdm(idx, desc="exporting", unit="ep"):
             ep = src.episode(i)
@@ -184,7 +193,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                 continue
             w.begin_episode(ep.task)
             for t in range(len(ep)):
-                w.add_frame(ep.timestamps[t], {c: ep.images[c][t] for c in cams}, ep.state[t], ep.action[t])
+                imgs = {c: ep.images[c][t] for c in cams}
+                env = ep.state[t, S:] if env_names else None
+                w.add_frame(ep.timestamps[t], imgs, ep.state[t, :S], ep.action[t], env_state=env)
             w.save_episode(
                 success=ep.success, metadata={**ep.metadata, "exported_from": f"{args.src}#{ep.index}"}
             )

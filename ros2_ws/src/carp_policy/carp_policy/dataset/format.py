@@ -45,6 +45,7 @@ VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.m
 STAGING_DIR = ".staging"  # per-episode files are written here, then renamed into place
 LOCK_FILE = ".carp-writer.lock"
 STATE_KEY = "observation.state"
+ENV_STATE_KEY = "observation.environment_state"  # LeRobot's name for object/scene state
 ACTION_KEY = "action"
 IMAGE_PREFIX = "observation.images."
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)  # LeRobot's DEFAULT_QUANTILES -> q01, q10, q50, q90, q99
@@ -341,12 +342,19 @@ def make_info(
     robot_type: str | None,
     video_info: dict[str, dict] | None = None,
     video_config: VideoConfig | None = None,
+    env_state_names: list[str] | None = None,
 ) -> dict:
     """A fresh info.json for an empty dataset with our features."""
     features: dict[str, dict] = {
         STATE_KEY: {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
         ACTION_KEY: {"dtype": "float32", "shape": [len(action_names)], "names": list(action_names)},
     }
+    if env_state_names:
+        features[ENV_STATE_KEY] = {
+            "dtype": "float32",
+            "shape": [len(env_state_names)],
+            "names": list(env_state_names),
+        }
     for cam, (h, w) in cameras.items():
         ft = {"dtype": "video", "shape": [h, w, 3], "names": ["height", "width", "channels"]}
         if video_info and cam in video_info:
@@ -379,11 +387,13 @@ def make_info(
     }
 
 
-def data_schema(state_dim: int, action_dim: int) -> pa.Schema:
+def data_schema(state_dim: int, action_dim: int, env_state_dim: int = 0) -> pa.Schema:
     """Arrow schema of one data parquet (fixed-size lists = LeRobot's ``Sequence(length=D)``)."""
+    env = [(ENV_STATE_KEY, pa.list_(pa.float32(), env_state_dim))] if env_state_dim else []
     return pa.schema(
         [
             (STATE_KEY, pa.list_(pa.float32(), state_dim)),
+            *env,
             (ACTION_KEY, pa.list_(pa.float32(), action_dim)),
             ("timestamp", pa.float32()),
             ("frame_index", pa.int64()),

@@ -42,12 +42,15 @@ class KeyMap:
     """Which keys of a LeRobot dataset are our state, action and cameras.
 
     state_key, action_key: the (T, D) vector features (``observation.state``, ``action``).
+    env_state_key: a (T, E) feature appended to the state (e.g. ``observation.environment_state``,
+        object poses); None = state only.
     cameras: our camera name -> the dataset's image/video key. Empty = every
         ``observation.images.<name>`` key, named ``<name>``.
     """
 
     state_key: str = STATE_KEY
     action_key: str = ACTION_KEY
+    env_state_key: str | None = None
     cameras: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -56,7 +59,7 @@ class KeyMap:
         data = yaml.safe_load(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a key map must be a YAML mapping, got {type(data).__name__}")
-        unknown = set(data) - {"state_key", "action_key", "cameras"}
+        unknown = set(data) - {"state_key", "action_key", "env_state_key", "cameras"}
         if unknown:
             raise ValueError(f"{path}: unknown key map field(s) {sorted(unknown)}")
         return cls(**data)
@@ -115,7 +118,10 @@ class EpisodeDataset:
             )
         feats = self.info.get("features", {})
         self.fps = float(self.info["fps"])
-        for what, key in (("state", self.keymap.state_key), ("action", self.keymap.action_key)):
+        wanted = [("state", self.keymap.state_key), ("action", self.keymap.action_key)]
+        if self.keymap.env_state_key:
+            wanted.append(("environment state", self.keymap.env_state_key))
+        for what, key in wanted:
             if key not in feats:
                 vec = [k for k, f in feats.items() if f.get("dtype") not in ("video", "image", "string")]
                 raise DatasetError(
@@ -143,6 +149,8 @@ class EpisodeDataset:
         self.camera_keys = camera_keys
         self.cameras = list(camera_keys)
         self.state_names = _names(feats[self.keymap.state_key])
+        if self.keymap.env_state_key:  # the policy's state = robot state + environment state
+            self.state_names += _names(feats[self.keymap.env_state_key])
         self.action_names = _names(feats[self.keymap.action_key])
 
         total = int(self.info.get("total_episodes", 0))
@@ -233,8 +241,10 @@ class EpisodeDataset:
     # ------------------------------------------------------------------ loading
     def _load_vectors(self) -> list[dict[str, np.ndarray]]:
         tables: dict[Path, object] = {}  # data file -> table, read once even when shared by episodes
+        env_key = self.keymap.env_state_key
         cols = [
             self.keymap.state_key,
+            *([env_key] if env_key else []),
             self.keymap.action_key,
             "episode_index",
             "frame_index",
@@ -260,6 +270,8 @@ class EpisodeDataset:
                 )
             ep = ep.sort_by("frame_index")
             state = column_matrix(ep, self.keymap.state_key, path)
+            if env_key:
+                state = np.concatenate([state, column_matrix(ep, env_key, path)], axis=1)
             action = column_matrix(ep, self.keymap.action_key, path)
             for what, x in (("state", state), ("action", action)):
                 if not np.all(np.isfinite(x)):

@@ -33,6 +33,7 @@ from ..actions import ACTION_NAMES, STATE_NAMES
 from .format import (
     ACTION_KEY,
     DATA_PATH,
+    ENV_STATE_KEY,
     EPISODES_PATH,
     INFO_PATH,
     LOCK_FILE,
@@ -81,12 +82,16 @@ class DatasetWriter:
         action_names: list[str] | None = None,
         robot_type: str | None = "ur5e",
         video: VideoConfig | None = None,
+        env_state_names: list[str] | None = None,
     ) -> None:
+        """env_state_names: names of an ``observation.environment_state`` vector (object poses
+        and the like, e.g. from the twin); None = the dataset has none."""
         self.root = Path(root)
         self.fps = float(fps)
         self.cameras = dict(cameras if cameras is not None else {"wrist": (120, 160), "scene": (120, 160)})
         self.state_names = list(state_names if state_names is not None else STATE_NAMES)
         self.action_names = list(action_names if action_names is not None else ACTION_NAMES)
+        self.env_state_names = list(env_state_names or [])
         self.video = video or VideoConfig()
         if not (self.fps > 0 and np.isfinite(self.fps)):
             raise ValueError(f"fps must be positive, got {fps}")
@@ -117,6 +122,7 @@ class DatasetWriter:
                 self.action_names,
                 robot_type,
                 video_config=self.video,
+                env_state_names=self.env_state_names,
             )
             self.tasks: list[str] = []
             self._rows: list[dict] = []
@@ -151,19 +157,26 @@ class DatasetWriter:
             "task": task,
             "t": [],
             "state": [],
+            "env_state": [],
             "action": [],
             "encoders": encoders,
             "img_sample": {c: [] for c in self.cameras},
         }
 
     def add_frame(
-        self, timestamp: float, images: dict[str, np.ndarray], state: np.ndarray, action: np.ndarray
+        self,
+        timestamp: float,
+        images: dict[str, np.ndarray],
+        state: np.ndarray,
+        action: np.ndarray,
+        env_state: np.ndarray | None = None,
     ) -> None:
         """Append one control step. Everything is checked before anything is written.
 
         timestamp: capture time in seconds (sim or ROS clock), strictly increasing.
         images: camera name -> (H, W, 3) uint8 RGB, one per configured camera.
         state, action: (Ds,), (Da,) finite vectors (``[x, y, z, r6d(6), gripper]``).
+        env_state: (De,) finite vector, required exactly when the writer has ``env_state_names``.
         """
         ep = self._require_episode("add_frame")
         n = len(ep["t"])
@@ -174,6 +187,14 @@ class DatasetWriter:
             raise ValueError(f"frame {n}: timestamp {t} is not after the previous one ({ep['t'][-1]})")
         state = self._vector(state, self.state_names, "state", n)
         action = self._vector(action, self.action_names, "action", n)
+        if self.env_state_names:
+            if env_state is None:
+                raise ValueError(f"frame {n}: this dataset records an environment state; none was given")
+            env_state = self._vector(env_state, self.env_state_names, "env_state", n)
+        elif env_state is not None:
+            raise ValueError(
+                f"frame {n}: an environment state was given but the writer has no env_state_names"
+            )
         missing = set(self.cameras) - set(images)
         if missing:
             raise ValueError(f"frame {n}: no image from camera(s) {sorted(missing)} (got {sorted(images)})")
@@ -199,6 +220,8 @@ class DatasetWriter:
         ep["t"].append(t)
         ep["state"].append(state)
         ep["action"].append(action)
+        if env_state is not None:
+            ep["env_state"].append(env_state)
 
     def save_episode(self, success: bool = True, metadata: dict | None = None) -> int:
         """Make the episode in progress durable and visible; return its index.
@@ -276,11 +299,17 @@ class DatasetWriter:
 
         state = np.stack(ep["state"]).astype(np.float32)  # (T, Ds)
         action = np.stack(ep["action"]).astype(np.float32)  # (T, Da)
+        env = np.stack(ep["env_state"]).astype(np.float32) if self.env_state_names else None  # (T, De)
         frame_index = np.arange(n)
+
+        def vec(x: np.ndarray) -> pa.Array:
+            return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+
         table = pa.Table.from_arrays(
             [
-                pa.FixedSizeListArray.from_arrays(pa.array(state.reshape(-1)), state.shape[1]),
-                pa.FixedSizeListArray.from_arrays(pa.array(action.reshape(-1)), action.shape[1]),
+                vec(state),
+                *([vec(env)] if env is not None else []),
+                vec(action),
                 pa.array((frame_index / self.fps).astype(np.float32)),
                 pa.array(frame_index, pa.int64()),
                 pa.array(np.full(n, index), pa.int64()),
@@ -288,13 +317,15 @@ class DatasetWriter:
                 pa.array(np.full(n, task_index), pa.int64()),
                 pa.array(np.asarray(ep["t"], np.float64)),
             ],
-            schema=data_schema(state.shape[1], action.shape[1]),
+            schema=data_schema(state.shape[1], action.shape[1], len(self.env_state_names)),
         )
         write_parquet_atomic(
             self.root / DATA_PATH.format(chunk_index=chunk, file_index=file), table, self._staging
         )
 
         stats = {STATE_KEY: feature_stats(state), ACTION_KEY: feature_stats(action)}
+        if env is not None:
+            stats[ENV_STATE_KEY] = feature_stats(env)
         row: dict = {
             "episode_index": index,
             "tasks": [ep["task"]],
@@ -355,7 +386,14 @@ class DatasetWriter:
     def _open_existing(self, robot_type: str | None) -> None:
         info = read_json(self.root / INFO_PATH)
         feats = info.get("features", {})
-        want = make_info(self.fps, self.cameras, self.state_names, self.action_names, robot_type)
+        want = make_info(
+            self.fps,
+            self.cameras,
+            self.state_names,
+            self.action_names,
+            robot_type,
+            env_state_names=self.env_state_names,
+        )
         if info.get("fps") != want["fps"]:
             raise DatasetError(
                 f"{self.root}: dataset fps is {info.get('fps')}, writer asked for {want['fps']}"
@@ -375,6 +413,11 @@ class DatasetWriter:
         ]
         if extra:
             raise DatasetError(f"{self.root}: dataset has camera feature(s) {extra} the writer was not given")
+        if ENV_STATE_KEY in feats and ENV_STATE_KEY not in want["features"]:
+            raise DatasetError(
+                f"{self.root}: dataset records {ENV_STATE_KEY} {feats[ENV_STATE_KEY].get('names')}; "
+                "give the writer the same env_state_names"
+            )
         committed = int(info.get("total_episodes", 0))
         rows = read_parquet(self.root / EPISODES_PATH).to_pylist() if committed else []
         if len(rows) < committed:
