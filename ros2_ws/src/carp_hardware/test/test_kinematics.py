@@ -9,6 +9,7 @@ from carp_hardware.kinematics import (
     fk,
     ik_all,
     ik_nearest,
+    ik_nearest_path,
     pose_matrix,
 )
 
@@ -70,3 +71,48 @@ def test_out_of_reach_and_bad_input_raise():
         ik_all(np.full((4, 4), np.nan))
     with pytest.raises(ValueError, match="6 finite"):
         fk(np.zeros(5))
+
+
+def _pose_by_pose(poses, q_ref, max_step=None, **kw):
+    """The reference for ik_nearest_path: ik_nearest pose by pose, rate-limited, stopping at IKError."""
+    out = []
+    for pose in poses:
+        try:
+            q = ik_nearest(pose, q_ref, **kw)
+        except IKError:
+            break
+        if max_step is not None:
+            q = q_ref + np.clip(q - q_ref, -max_step, max_step)
+        out.append(q)
+        q_ref = q
+    return np.array(out).reshape(-1, 6)
+
+
+@pytest.mark.parametrize("max_step", [None, 0.03])
+def test_ik_nearest_path_equals_ik_nearest_pose_by_pose(max_step):
+    rng = np.random.default_rng(3)
+    limits = np.array([[-4.0, 1.0], [-3.0, 0.0], [-2.5, 2.5], [-1.0, 5.0], [-3.0, 3.0], [0.0, 6.0]])
+    for trial in range(200):
+        q0 = rng.uniform(-np.pi, np.pi, 6)
+        q1 = q0 + rng.normal(0.0, 0.5, 6)
+        if trial % 5 == 0:
+            q1[4] = 0.0  # ends at the wrist singularity: q6 comes from the reference
+        poses = np.stack([fk(q0 + s * (q1 - q0)) for s in np.linspace(0.1, 1.0, 10)])
+        q_ref = q0 + rng.normal(0.0, 0.05, 6)
+        kw = {"limits": limits} if trial % 2 else {"weights": rng.uniform(0.1, 2.0, 6)}
+        expected = _pose_by_pose(poses, q_ref, max_step, **kw)
+        got = ik_nearest_path(poses, q_ref, max_step=max_step, **kw)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
+def test_ik_nearest_path_stops_before_the_first_unreachable_pose():
+    q_ref = np.array([0.0, -1.75, 1.85, -1.67, -1.5708, 0.0])
+    down = np.diag([1.0, -1.0, -1.0])
+    poses = np.stack([pose_matrix([-0.3 - 0.1 * k, 0.1, 0.2], down) for k in range(10)])  # leaves reach
+    expected = _pose_by_pose(poses, q_ref)
+    assert 0 < len(expected) < 10
+    np.testing.assert_allclose(ik_nearest_path(poses, q_ref), expected, rtol=0, atol=1e-12)
+    poses[2, 0, 3] = np.nan  # a non-finite pose is unreachable too
+    assert len(ik_nearest_path(poses, q_ref)) == 2
+    assert ik_nearest_path(poses[:0], q_ref).shape == (0, 6)

@@ -464,7 +464,7 @@ def test_environment_state_round_trip_keymap_and_export(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="records an environment state; none was given"):
             w.add_frame(
                 1.0, {c: eps[0]["images"][c][0] for c in CAMS}, eps[0]["state"][0], eps[0]["action"][0]
-            )  # noqa: E501
+            )
         with pytest.raises(ValueError, match=r"env_state has non-finite value\(s\) in \['object_y'\]"):
             w.add_frame(
                 1.0, {c: eps[0]["images"][c][0] for c in CAMS}, eps[0]["state"][0], eps[0]["action"][0],

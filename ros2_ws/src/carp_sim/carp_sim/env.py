@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from scipy.spatial.transform import Rotation
 
-from carp_hardware.kinematics import IKError, ik_nearest, pose_matrix
+from carp_hardware.kinematics import ik_nearest, ik_nearest_path, pose_matrix
 from carp_policy.actions import ACTION_DIM, ACTION_NAMES, Observation, pose_to_vector, rot6d_to_matrix
 from carp_sim.cell import ARM_KP, ARM_KV, GRIPPER_STROKE, build_model
 from carp_sim.tasks import HOME_Q, EpisodeLayout, TaskConfig, TaskOutcome, check, sample_layout, unrecoverable
@@ -166,27 +166,34 @@ class SimCell:
         goal = pose_matrix(action[:3], rot6d_to_matrix(action[3:9]))
         self._gripper_cmd = float(np.clip(action[9], 0.0, GRIPPER_STROKE))
         self.data.ctrl[6:8] = self._gripper_cmd / 2
-        start = self._target
-        rel = Rotation.from_matrix(start[:3, :3].T @ goal[:3, :3]).as_rotvec()
-        max_dq = self.config.max_joint_speed / self.config.servo_hz
-        reached = True
-        for k in range(1, self._n_servo + 1):
-            s = k / self._n_servo
-            rot = start[:3, :3] @ Rotation.from_rotvec(s * rel).as_matrix()
-            pose = pose_matrix((1 - s) * start[:3, 3] + s * goal[:3, 3], rot)
-            try:
-                q = ik_nearest(pose, self._q_cmd)
-            except IKError:
-                # Like the real driver: an unreachable target is not streamed; the arm holds.
-                self.ik_failures += 1
-                reached = False
-                break
-            q = self._q_cmd + np.clip(q - self._q_cmd, -max_dq, max_dq)
+        # The servo ticks' joint targets do not depend on the physics, so all of them are solved
+        # before it runs: one vectorised pass for the interpolated poses and their IK branches;
+        # only the nearest-branch choice and the rate limit go tick by tick.
+        q_path = ik_nearest_path(
+            self._servo_poses(self._target, goal),
+            self._q_cmd,
+            max_step=self.config.max_joint_speed / self.config.servo_hz,
+        )
+        for q in q_path:
             self._advance(q, self._n_phys)
-        if reached:
+        if len(q_path) == self._n_servo:
             self._target = goal
+        else:
+            # Like the real driver: an unreachable target is not streamed; the arm holds there.
+            self.ik_failures += 1
         self._update_status()
         return self.observe()
+
+    def _servo_poses(self, start: np.ndarray, goal: np.ndarray) -> np.ndarray:
+        """TCP poses (n_servo, 4, 4) of the servo ticks from ``start`` to ``goal`` (both (4, 4)):
+        linear position, geodesic rotation, the last one at ``goal``."""
+        s = np.arange(1, self._n_servo + 1) / self._n_servo
+        rel = Rotation.from_matrix(start[:3, :3].T @ goal[:3, :3]).as_rotvec()
+        poses = np.zeros((self._n_servo, 4, 4))
+        poses[:, :3, :3] = start[:3, :3] @ Rotation.from_rotvec(s[:, None] * rel).as_matrix()
+        poses[:, :3, 3] = (1 - s)[:, None] * start[:3, 3] + s[:, None] * goal[:3, 3]
+        poses[:, 3, 3] = 1.0
+        return poses
 
     def hold(self, seconds: float) -> None:
         """Advance physics by ``seconds`` with the current targets (e.g. while a policy computes)."""
