@@ -439,21 +439,41 @@ def policy_report(
 
 
 # ----------------------------------------------------------------------------- CLI
-def load_config(path: str | Path) -> Any:
-    """CarpConfig, or DiffusionConfig where the YAML says ``family: diffusion`` (a path or a shipped name)."""
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
+    """CarpConfig, or DiffusionConfig where the YAML says ``family: diffusion`` (a path or a shipped
+    name), with ``section.key=value`` overrides applied (values parsed as YAML: ``[64, 128]``, ``8``)."""
     p = Path(path)
     if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
         p = CONFIG_DIR / f"{path}.yaml"
-    if p.exists() and (yaml.safe_load(p.read_text()) or {}).get("family", "carp") == "diffusion":
+    if not p.exists():
+        shipped = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"config not found: {path} (shipped: {', '.join(shipped)})")
+    raw = yaml.safe_load(p.read_text()) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set needs section.key=value, got {item!r}")
+        *sections, leaf = key.split(".")
+        node = raw
+        for name in sections:
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item!r}: {name!r} is not a config section")
+        node[leaf] = yaml.safe_load(value)  # unknown keys are refused by from_dict below
+    if raw.get("family", "carp") == "diffusion":
         from carp_policy.diffusion import DiffusionConfig
 
-        return DiffusionConfig.load(p)
-    return CarpConfig.load(path)
+        return DiffusionConfig.from_dict(raw)
+    return CarpConfig.from_dict(raw)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="carp-train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, help="YAML file, or a shipped variant: state | visual")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML file, or a shipped variant (configs/*.yaml): state, state_env, visual, diffusion_state...",
+    )
     p.add_argument(
         "--dataset", required=True, help="dataset directory (LeRobot v3.0 layout) or synthetic[:N]"
     )
@@ -465,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-steps", type=int, default=None, help="overrides train.tokenizer_steps")
     p.add_argument("--policy-steps", type=int, default=None, help="overrides train.policy_steps")
     p.add_argument("--batch-size", type=int, default=None, help="overrides train.batch_size")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config field, e.g. --set unet.down_dims=[64,128,256] (repeatable)",
+    )
     return p
 
 
@@ -474,7 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     run = Path(args.out)
     run.mkdir(parents=True, exist_ok=True)
     # a resumed run keeps its own resolved config; a fresh one resolves --config plus overrides
-    cfg = load_config(run / "config.yaml" if args.resume and (run / "config.yaml").exists() else args.config)
+    resumed = args.resume and (run / "config.yaml").exists()
+    if resumed and args.set:
+        raise SystemExit("carp-train: --set cannot change a resumed run's config (it keeps config.yaml)")
+    cfg = load_config(run / "config.yaml" if resumed else args.config, args.set)
     is_carp = getattr(cfg, "family", "carp") == "carp"
     tc = cfg.train
     for arg, field in (
