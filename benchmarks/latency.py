@@ -17,18 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import machine
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = machine.REPO
 
 
 def stats_ms(times_s: list[float]) -> dict[str, float]:
@@ -58,34 +56,15 @@ def measure(fn, obs_list: list, runs: int, warmup: int, budget_s: float | None =
 
 
 def machine_info(device: str) -> dict[str, Any]:
-    """CPU model, cores, GPU, versions, commit."""
+    """Where it ran (see machine.py) plus GPU, torch and onnxruntime providers."""
     import onnxruntime as ort
     import torch
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "load_avg_at_start": os.getloadavg(),
+    return machine.machine_info() | {
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": ort.__version__,
         "ort_available_providers": ort.get_available_providers(),
-        "git_commit": commit or "unknown",
         "device_requested": device,
     }
 

@@ -18,52 +18,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import machine
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = machine.REPO
 TARGET_RTF = 20.0  # required real-time factor at the default servo rate (CPU time)
 
 
 def machine_info() -> dict[str, Any]:
-    """CPU model, cores, load, versions, commit (and whether the working tree had changes)."""
+    """Where it ran (see machine.py) plus the versions that set the twin's speed."""
     import mujoco
     import scipy
 
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10
-            ).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {
-        "cpu": cpu,
-        "cpu_cores": os.cpu_count(),
-        "load_avg_at_start": os.getloadavg(),
-        "python": platform.python_version(),
+    return machine.machine_info() | {
         "numpy": np.__version__,
         "scipy": scipy.__version__,
         "mujoco": mujoco.__version__,
-        "git_commit": git("rev-parse", "HEAD") or "unknown",
-        # The measured code may differ from the commit: say so rather than let the number mislead.
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "ros2_ws/src")),
     }
 
 
