@@ -17,6 +17,17 @@ import yaml
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 
+def config_path(path: str | Path) -> Path:
+    """A YAML file, or the shipped variant of that name (``configs/<name>.yaml``)."""
+    p = Path(path)
+    if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+        p = CONFIG_DIR / f"{path}.yaml"
+    if not p.exists():
+        shipped = ", ".join(sorted(f.stem for f in CONFIG_DIR.glob("*.yaml")))
+        raise FileNotFoundError(f"config not found: {path} (shipped: {shipped})")
+    return p
+
+
 @dataclass
 class TokenizerConfig:
     """Multi-scale action VQ-VAE (stage 1)."""
@@ -152,12 +163,7 @@ class CarpConfig:
     @classmethod
     def load(cls, path: str | Path) -> CarpConfig:
         """Load a YAML file, or a shipped variant by name (``state``, ``visual``)."""
-        p = Path(path)
-        if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-            p = CONFIG_DIR / f"{path}.yaml"
-        if not p.exists():
-            raise FileNotFoundError(f"config not found: {path} (shipped: state, visual)")
-        return cls.from_dict(yaml.safe_load(p.read_text()) or {})
+        return cls.from_dict(yaml.safe_load(config_path(path).read_text()) or {})
 
 
 def _build(cls: type, d: dict[str, Any], section: str) -> Any:

@@ -34,7 +34,7 @@ from carp_policy.actions import (
     rot6d_to_matrix,
     validate_observation,
 )
-from carp_policy.config import CONFIG_DIR, EncoderConfig, TrainConfig, _build
+from carp_policy.config import EncoderConfig, TrainConfig, _build, config_path
 from carp_policy.encoders import build_encoder
 from carp_policy.normalization import Normalizer
 
@@ -111,12 +111,7 @@ class DiffusionConfig:
     @classmethod
     def load(cls, path: str | Path) -> DiffusionConfig:
         """Load a YAML file, or a shipped variant by name (`diffusion_state`, `diffusion_visual`)."""
-        p = Path(path)
-        if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-            p = CONFIG_DIR / f"{path}.yaml"
-        if not p.exists():
-            raise FileNotFoundError(f"config not found: {path} (shipped: diffusion_state, diffusion_visual)")
-        return cls.from_dict(yaml.safe_load(p.read_text()) or {})
+        return cls.from_dict(yaml.safe_load(config_path(path).read_text()) or {})
 
 
 def _plain(v: Any) -> Any:

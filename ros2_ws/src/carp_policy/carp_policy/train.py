@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from carp_policy.actions import GRIPPER, POS, ROT6D, rotation_error_deg
 from carp_policy.carp import CarpModel, count_parameters
-from carp_policy.config import CONFIG_DIR, CarpConfig
+from carp_policy.config import CarpConfig, config_path
 from carp_policy.normalization import Normalizer
 
 
@@ -442,13 +442,7 @@ def policy_report(
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
     """CarpConfig, or DiffusionConfig where the YAML says ``family: diffusion`` (a path or a shipped
     name), with ``section.key=value`` overrides applied (values parsed as YAML: ``[64, 128]``, ``8``)."""
-    p = Path(path)
-    if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-        p = CONFIG_DIR / f"{path}.yaml"
-    if not p.exists():
-        shipped = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
-        raise FileNotFoundError(f"config not found: {path} (shipped: {', '.join(shipped)})")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = yaml.safe_load(config_path(path).read_text()) or {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
