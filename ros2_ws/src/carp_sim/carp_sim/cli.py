@@ -30,12 +30,14 @@ def collect(
     keep_failures: bool = False,
     image_size: tuple[int, int] = (120, 160),
     max_attempts: int | None = None,
+    expert_variety: str = "task",
 ) -> dict:
     """Run the expert closed-loop at the control rate and record ``episodes`` episodes to ``out``.
 
-    Episode i of the attempt sequence uses seed ``seed + i``; failed attempts are discarded (unless
-    ``keep_failures``) and further seeds are tried until ``episodes`` are saved or ``max_attempts``
-    (default 2x episodes) run out. Returns the summary dict (also written to ``out/collect.json``).
+        Episode i of the attempt sequence uses seed ``seed + i``; failed attempts are discarded (unless
+        ``keep_failures``) and further seeds are tried until ``episodes`` are saved or ``max_attempts``
+        (default 2x episodes) run out. ``expert_variety``: "task" (the task YAML's ``expert:`` ranges) or
+    "wide" (``carp_sim.expert.WIDE_VARIETY``). Returns the summary dict (also in ``out/collect.json``).
     """
     from tqdm import tqdm
 
@@ -65,7 +67,7 @@ def collect(
             def record(obs, action):
                 writer.add_frame(obs.timestamp, obs.images, obs.state, action, env_state=obs.env_state)
 
-            outcome, steps = run_expert_episode(env, s, on_step=record)
+            outcome, steps = run_expert_episode(env, s, on_step=record, variety=expert_variety)
             reasons[outcome.reason] = reasons.get(outcome.reason, 0) + 1
             if outcome.success or keep_failures:
                 writer.save_episode(
@@ -74,6 +76,7 @@ def collect(
                         "seed": s,
                         "reason": outcome.reason,
                         "operator": "scripted-expert",
+                        "expert_variety": expert_variety,
                         "sim": True,
                     },
                 )
@@ -98,13 +101,16 @@ def collect(
         "frames": int(np.sum(lengths)),
         "wall_s": wall,
         "seeds": [seed, seed + attempts - 1],
+        "expert_variety": expert_variety,
         "out": str(out),
     }
     (Path(out) / "collect.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def bench(task: str, episodes: int = 100, seed: int = 0, render_steps: int = 50) -> dict:
+def bench(
+    task: str, episodes: int = 100, seed: int = 0, render_steps: int = 50, expert_variety: str = "task"
+) -> dict:
     """Expert success over ``episodes`` seeds without rendering, and the twin's speed.
 
     Speed is given as wall-clock and as process CPU time: the CPU figure is what the twin costs on
@@ -120,7 +126,7 @@ def bench(task: str, episodes: int = 100, seed: int = 0, render_steps: int = 50)
     w0, c0 = time.perf_counter(), time.process_time()
     bar = tqdm(range(seed, seed + episodes), desc=f"expert {task}", unit="ep")
     for s in bar:
-        outcome, steps = run_expert_episode(env, s)
+        outcome, steps = run_expert_episode(env, s, variety=expert_variety)
         reasons[outcome.reason] = reasons.get(outcome.reason, 0) + 1
         sim_s += env.time
         lengths.append(steps)
@@ -197,11 +203,14 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=0, help="first seed; attempt i uses seed + i")
     c.add_argument("--keep-failures", action="store_true", help="also save failed episodes (success=False)")
     c.add_argument("--image-size", type=int, nargs=2, default=(120, 160), metavar=("H", "W"))
+    variety_help = "expert ranges: the task YAML's expert: section (default) or the wide WIDE_VARIETY"
+    c.add_argument("--expert-variety", choices=["task", "wide"], default="task", help=variety_help)
     b = sub.add_parser("bench", help="expert success rate (no rendering) and twin speed")
     b.add_argument("--task", default="cup")
     b.add_argument("--episodes", type=int, default=100)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--json", type=Path, help="also write the results here")
+    b.add_argument("--expert-variety", choices=["task", "wide"], default="task", help=variety_help)
     s = sub.add_parser("snapshot", help="PNGs of the cameras")
     s.add_argument("--task", default="cup")
     s.add_argument("--seed", type=int, default=0)
@@ -211,7 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "collect":
             r = collect(
-                args.task, args.episodes, args.out, args.seed, args.keep_failures, tuple(args.image_size)
+                args.task,
+                args.episodes,
+                args.out,
+                args.seed,
+                args.keep_failures,
+                tuple(args.image_size),
+                expert_variety=args.expert_variety,
             )
             print(
                 f"\ncollected {r['saved_episodes']} {r['task']} episodes ({r['frames']} frames) "
@@ -221,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0 if r["saved_episodes"] == args.episodes else 1
         if args.cmd == "bench":
-            r = bench(args.task, args.episodes, args.seed)
+            r = bench(args.task, args.episodes, args.seed, expert_variety=args.expert_variety)
             if args.json:
                 args.json.write_text(json.dumps(r, indent=2))
             print(

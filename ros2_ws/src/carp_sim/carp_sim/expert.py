@@ -5,7 +5,14 @@ top-down waypoints (approach, descend, grasp, lift, carry, place, release, retre
 waypoints the TCP follows a minimum-jerk profile. ``predict`` returns the plan sampled at the 16
 step times after the observation, so the expert is a ``Policy`` like any learned one and can run
 through the evaluation loop. Variety between episodes (speeds, approach / carry heights, grasp
-height and yaw, pauses) comes from a generator seeded by the episode seed.
+height and yaw, pauses, place point) comes from a generator seeded by the episode seed, within the
+ranges of ``WIDE_VARIETY`` updated by the task YAML's ``expert:`` section.
+
+The shipped tasks narrow every range to one value (a consistent expert). Why: CARP predicts the D
+per-dimension tokens of a scale in parallel, so when the demonstrations of one state disagree (a high
+or a low approach, fast or slow), x, y and z can each pick a different mode. With the wide ranges the
+policy started its descent before it was above the cup and tipped it (README, "Results in the twin").
+``carp-sim collect --expert-variety wide`` records the varied demonstrations.
 """
 
 from __future__ import annotations
@@ -19,12 +26,23 @@ from carp_sim.cell import BOWL_SIDES, GRIPPER_STROKE, POT_FLOOR
 from carp_sim.env import SimCell
 from carp_sim.tasks import top_down
 
-DEFAULT_VARIETY = {
+# Every random choice of a plan, as [low, high]. The first four are drawn first, in this order.
+WIDE_VARIETY = {
     "speed": (0.25, 0.40),  # m/s in free space; descents run at half speed
     "approach_height": (0.07, 0.14),  # m above the grasp point
-    "carry_height": (0.20, 0.27),  # TCP height while carrying
+    "carry_height": (0.20, 0.27),  # TCP height while carrying (bowl: WIDE_PER_TASK)
     "pause": (0.15, 0.4),  # s, dwell before/after gripper actions
+    "pause_factor": (0.5, 1.0),  # the dwell before closing / opening is pause x this
+    "place_jitter": (-0.015, 0.015),  # m, per axis, on the place point in the target area
+    "grasp_yaw": (-0.4, 0.4),  # rad from the start yaw (cup: any yaw grips; bowl: nearest flat)
+    "place_yaw": (-0.3, 0.3),  # rad from the grasp yaw
+    "retreat": (0.12, 0.18),  # m, rise after the release
 }
+WIDE_PER_TASK = {  # grasp_z: TCP height on the cup / on the bowl wall
+    "cup": {"grasp_z": (0.05, 0.065)},
+    "bowl": {"grasp_z": (0.026, 0.032), "carry_height": (0.22, 0.28)},
+}
+EPISODE_KEYS = ("speed", "approach_height", "carry_height", "pause")
 
 
 @dataclass
@@ -41,12 +59,28 @@ class ScriptedExpert:
     obs_horizon = 1
     cameras: tuple[str, ...] = ()
 
-    def __init__(self, env: SimCell, seed: int, horizon: int = CHUNK_HORIZON) -> None:
+    def __init__(self, env: SimCell, seed: int, horizon: int = CHUNK_HORIZON, variety: str = "task") -> None:
+        """``variety``: "task" (the task YAML's ``expert:`` ranges over the wide ones) or "wide"."""
+        if variety not in ("task", "wide"):
+            raise ValueError(f"expert variety must be 'task' or 'wide', got {variety!r}")
         self.env = env
         self.seed = int(seed)
         self.horizon = horizon
         self.dt = 1.0 / env.config.control_hz
-        self.variety = {**DEFAULT_VARIETY, **{k: tuple(v) for k, v in env.task.expert.items()}}
+        self.variety = {**WIDE_VARIETY, **WIDE_PER_TASK[env.task.name]}
+        # bowl: turn the grasp yaw onto the nearest pair of flats. The bowl's yaw is not in the
+        # environment state, so a state policy cannot see why the yaw differs between demonstrations.
+        self.snap_to_flats = True
+        if variety == "task":
+            ranges = dict(env.task.expert)
+            self.snap_to_flats = bool(ranges.pop("snap_to_flats", True))
+            unknown = set(ranges) - set(self.variety)
+            if unknown:
+                raise ValueError(f"task {env.task.name}: unknown expert keys {sorted(unknown)}")
+            self.variety.update({k: tuple(v) for k, v in ranges.items()})
+        for key, (lo, hi) in self.variety.items():
+            if not lo <= hi:
+                raise ValueError(f"expert range {key}={[lo, hi]} needs low <= high")
         self.plan: list[Waypoint] | None = None
 
     def reset(self) -> None:
@@ -86,25 +120,26 @@ class ScriptedExpert:
     # ------------------------------------------------------------------ planning
     def _make_plan(self, obs: Observation) -> list[Waypoint]:
         rng = np.random.default_rng([self.seed, 7])  # own stream: the layout uses the plain seed
-        v = {k: float(rng.uniform(*r)) for k, r in self.variety.items()}
+        r = self.variety
+        v = {k: float(rng.uniform(*r[k])) for k in EPISODE_KEYS}
         state = np.asarray(obs.state).reshape(-1, 10)[-1]
         start = state[:3].copy()
         start_yaw = float(np.arctan2(state[4], state[3]))  # tool x axis = (cos yaw, sin yaw, 0)
         obj, rot = self.env.object_pose()
-        target_xy = self.env.layout.target_xy + rng.uniform(-0.015, 0.015, 2)
+        target_xy = self.env.layout.target_xy + rng.uniform(*r["place_jitter"], 2)
         if self.env.task.name == "cup":
-            grasp_z = float(rng.uniform(0.05, 0.065))  # TCP height on the cup (height 0.10)
-            yaw = start_yaw + float(rng.uniform(-0.4, 0.4))  # the cup is round: any yaw grips
+            grasp_z = float(rng.uniform(*r["grasp_z"]))  # TCP height on the cup (height 0.10)
+            yaw = start_yaw + float(rng.uniform(*r["grasp_yaw"]))  # the cup is round: any yaw grips
             place_z = grasp_z + 0.004
         else:
-            grasp_z = float(rng.uniform(0.026, 0.032))  # TCP height on the bowl wall (height 0.045)
+            grasp_z = float(rng.uniform(*r["grasp_z"]))  # TCP height on the bowl wall (height 0.045)
             # Close on two opposite flats: tool y must be normal to a wall, i.e. yaw = bowl yaw mod 30 deg.
             bowl_yaw = float(np.arctan2(rot[1, 0], rot[0, 0]))
             step = 2 * np.pi / BOWL_SIDES
-            pref = start_yaw + float(rng.uniform(-0.4, 0.4))
-            yaw = bowl_yaw + step * round((pref - bowl_yaw) / step)
+            pref = start_yaw + float(rng.uniform(*r["grasp_yaw"]))
+            yaw = bowl_yaw + step * round((pref - bowl_yaw) / step) if self.snap_to_flats else pref
             place_z = grasp_z + POT_FLOOR + 0.008
-        place_yaw = yaw + float(rng.uniform(-0.3, 0.3))
+        place_yaw = yaw + float(rng.uniform(*r["place_yaw"]))
         grasp = np.array([obj[0], obj[1], grasp_z])
         above = grasp + np.array([0.0, 0.0, v["approach_height"]])
         carry_z = max(v["carry_height"], above[2])
@@ -126,34 +161,34 @@ class ScriptedExpert:
         open_, closed = GRIPPER_STROKE, 0.0
         go(above, yaw, open_)
         go(grasp, yaw, open_, speed=0.5 * v["speed"])
-        wait(v["pause"] * rng.uniform(0.5, 1.0))
+        wait(v["pause"] * rng.uniform(*r["pause_factor"]))
         wait(0.6, grip=closed)  # close
         wait(v["pause"])
         go([grasp[0], grasp[1], carry_z], yaw, closed, speed=0.6 * v["speed"])
         go([place[0], place[1], carry_z], place_yaw, closed)
         go(place, place_yaw, closed, speed=0.5 * v["speed"])
-        wait(v["pause"] * rng.uniform(0.5, 1.0))
+        wait(v["pause"] * rng.uniform(*r["pause_factor"]))
         wait(0.6, grip=open_)  # release
         wait(0.2)
-        go(place + np.array([0.0, 0.0, rng.uniform(0.12, 0.18)]), place_yaw, open_, speed=0.6 * v["speed"])
+        go(place + np.array([0.0, 0.0, rng.uniform(*r["retreat"])]), place_yaw, open_, speed=0.6 * v["speed"])
         return wps
 
 
-def make_expert(env: SimCell, seed: int) -> ScriptedExpert:
+def make_expert(env: SimCell, seed: int, variety: str = "task") -> ScriptedExpert:
     """The scripted expert for ``env``'s task (cup or bowl), with episode variety from ``seed``."""
     if env.task.name not in ("cup", "bowl"):
         raise ValueError(f"no scripted expert for task {env.task.name!r}")
-    return ScriptedExpert(env, seed)
+    return ScriptedExpert(env, seed, variety=variety)
 
 
-def run_expert_episode(env: SimCell, seed: int, replan_every: int = 1, on_step=None):
+def run_expert_episode(env: SimCell, seed: int, replan_every: int = 1, on_step=None, variety: str = "task"):
     """Reset ``env`` with ``seed`` and run the expert in closed loop until done or time out.
 
     ``on_step(obs, action)`` is called with the observation an action was computed from and the
     action itself (what a recorder stores). Returns the outcome and the number of steps.
     """
     obs = env.reset(seed)
-    expert = make_expert(env, seed)
+    expert = make_expert(env, seed, variety)
     expert.reset()
     steps = 0
     chunk = None

@@ -94,6 +94,50 @@ def test_same_seed_same_trajectory_different_seed_differs(cup_env):
     assert np.abs(a - c).max() > 0.01 and np.linalg.norm(cup_a - cup_c) > 0.01
 
 
+def _plan_shape(env, seed, variety):
+    """(approach height above the grasp, grasp yaw - start yaw, seconds per metre of the first segment)."""
+    obs = env.reset(seed)
+    expert = make_expert(env, seed, variety)
+    expert.predict(obs)
+    start, above, grasp = expert.plan[0], expert.plan[1], expert.plan[2]
+    per_metre = (above.t - start.t - 0.15) / (
+        np.linalg.norm(above.pos - start.pos) + 0.1 * abs(above.yaw - start.yaw)
+    )
+    return above.pos[2] - grasp.pos[2], above.yaw - start.yaw, per_metre
+
+
+@pytest.mark.parametrize("task", ["cup", "bowl"])
+def test_shipped_expert_is_consistent_and_wide_expert_varies(task):
+    # The shipped task YAMLs fix every expert choice: what differs between seeds is the scene only.
+    with SimCell(task, SimConfig(render=False)) as env:
+        consistent = np.array([_plan_shape(env, s, "task") for s in range(6)])
+        wide = np.array([_plan_shape(env, s, "wide") for s in range(6)])
+        layouts = {tuple(np.round(env.reset(s).env_state[:2], 4)) for s in range(6)}
+    assert len(layouts) == 6
+    np.testing.assert_allclose(consistent[:, 0], 0.10, atol=1e-9)  # approach height, m
+    np.testing.assert_allclose(consistent[:, 1], 0.0, atol=1e-9)  # grasp yaw = start yaw
+    assert np.ptp(consistent[:, 2]) < 1e-9  # one speed: same time per metre
+    assert np.ptp(wide[:, 0]) > 0.01 and np.ptp(wide[:, 1]) > 0.05 and np.ptp(wide[:, 2]) > 0.1
+
+
+def test_expert_variety_errors_are_clear(cup_env, tmp_path):
+    with pytest.raises(ValueError, match="'task' or 'wide'"):
+        make_expert(cup_env, 0, "narrow")
+    p = tmp_path / "t.yaml"
+    p.write_text("name: cup\nexpert:\n  approach_hieght: [0.1, 0.1]\n")
+    with (
+        SimCell(TaskConfig.load(p), SimConfig(render=False)) as env,
+        pytest.raises(ValueError, match="hieght"),
+    ):
+        make_expert(env, 0)
+    p.write_text("name: cup\nexpert:\n  speed: [0.4, 0.3]\n")
+    with (
+        SimCell(TaskConfig.load(p), SimConfig(render=False)) as env,
+        pytest.raises(ValueError, match="low <= high"),
+    ):
+        make_expert(env, 0)
+
+
 def test_expert_is_a_policy_with_16_step_chunks(cup_env):
     obs = cup_env.reset(3)
     expert = make_expert(cup_env, 3)
