@@ -4,8 +4,10 @@
 #   scripts/reproduce_model.sh TASK CONFIG NAME [carp-train arguments...]
 #   scripts/reproduce_model.sh cup state_env cup_state_env --device cpu --policy-steps 3000
 #
-# Each step is skipped when its result is already there (data/TASK, a finished runs/NAME), so the
-# script can be re-run after an interruption. It writes DEST (default models/NAME: ONNX + manifest),
+# Each step is skipped when its result is already there (the dataset, a finished runs/NAME), so the
+# script can be re-run after an interruption. VARIETY=wide records the varied expert demonstrations
+# (carp-sim collect --expert-variety wide) into data/TASK_wide instead of data/TASK; DATA=DIR names
+# another dataset. It writes DEST (default models/NAME: ONNX + manifest),
 # copies the training record to DEST/training/ and the evaluations (seeds 10000, 20000, 30000: never
 # data seeds) to DEST/eval/. The model card (MODEL_CARD.md) is written by hand from those.
 set -euo pipefail
@@ -17,15 +19,17 @@ fi
 TASK=$1 CONFIG=$2 NAME=$3
 shift 3
 DEST=${DEST:-models/$NAME}
+VARIETY=${VARIETY:-task}
+if [ "$VARIETY" = task ]; then DATA=${DATA:-data/$TASK}; else DATA=${DATA:-data/${TASK}_$VARIETY}; fi
 BIN=.venv/bin
 export MUJOCO_GL=${MUJOCO_GL:-egl}
 [ -x "$BIN/carp-train" ] || bash scripts/bootstrap.sh
 
-if [ ! -f "data/$TASK/meta/info.json" ]; then
-  "$BIN/carp-sim" collect --task "$TASK" --episodes 50 --out "data/$TASK" --seed 0
+if [ ! -f "$DATA/meta/info.json" ]; then
+  "$BIN/carp-sim" collect --task "$TASK" --episodes 50 --out "$DATA" --seed 0 --expert-variety "$VARIETY"
 fi
 if [ ! -f "runs/$NAME/policy_report.json" ]; then
-  "$BIN/carp-train" --config "$CONFIG" --dataset "data/$TASK" --out "runs/$NAME" "$@"
+  "$BIN/carp-train" --config "$CONFIG" --dataset "$DATA" --out "runs/$NAME" "$@"
 fi
 "$BIN/carp-export" --run "runs/$NAME" --out "$DEST"
 

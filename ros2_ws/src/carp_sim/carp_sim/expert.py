@@ -12,7 +12,9 @@ The shipped tasks narrow every range to one value (a consistent expert). Why: CA
 per-dimension tokens of a scale in parallel, so when the demonstrations of one state disagree (a high
 or a low approach, fast or slow), x, y and z can each pick a different mode. With the wide ranges the
 policy started its descent before it was above the cup and tipped it (README, "Results in the twin").
-``carp-sim collect --expert-variety wide`` records the varied demonstrations.
+They also keep pauses short and the gripper fast: while the arm waits and the fingers are blocked by
+the object the observed state stands still, and a wait longer than the steps a policy executes per
+chunk stalled it there. ``carp-sim collect --expert-variety wide`` records the varied demonstrations.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ WIDE_VARIETY = {
     "grasp_yaw": (-0.4, 0.4),  # rad from the start yaw (cup: any yaw grips; bowl: nearest flat)
     "place_yaw": (-0.3, 0.3),  # rad from the grasp yaw
     "retreat": (0.12, 0.18),  # m, rise after the release
+    "grip_time": (0.6, 0.6),  # s, the gripper command ramps between open and closed in this time
 }
 WIDE_PER_TASK = {  # grasp_z: TCP height on the cup / on the bowl wall
     "cup": {"grasp_z": (0.05, 0.065)},
@@ -122,6 +125,8 @@ class ScriptedExpert:
         rng = np.random.default_rng([self.seed, 7])  # own stream: the layout uses the plain seed
         r = self.variety
         v = {k: float(rng.uniform(*r[k])) for k in EPISODE_KEYS}
+        # choices added later draw from a stream of their own, so older ones keep their values
+        grip_time = float(np.random.default_rng([self.seed, 8]).uniform(*r["grip_time"]))
         state = np.asarray(obs.state).reshape(-1, 10)[-1]
         start = state[:3].copy()
         start_yaw = float(np.arctan2(state[4], state[3]))  # tool x axis = (cos yaw, sin yaw, 0)
@@ -162,13 +167,13 @@ class ScriptedExpert:
         go(above, yaw, open_)
         go(grasp, yaw, open_, speed=0.5 * v["speed"])
         wait(v["pause"] * rng.uniform(*r["pause_factor"]))
-        wait(0.6, grip=closed)  # close
+        wait(grip_time, grip=closed)  # close
         wait(v["pause"])
         go([grasp[0], grasp[1], carry_z], yaw, closed, speed=0.6 * v["speed"])
         go([place[0], place[1], carry_z], place_yaw, closed)
         go(place, place_yaw, closed, speed=0.5 * v["speed"])
         wait(v["pause"] * rng.uniform(*r["pause_factor"]))
-        wait(0.6, grip=open_)  # release
+        wait(grip_time, grip=open_)  # release
         wait(0.2)
         go(place + np.array([0.0, 0.0, rng.uniform(*r["retreat"])]), place_yaw, open_, speed=0.6 * v["speed"])
         return wps

@@ -120,6 +120,25 @@ def test_shipped_expert_is_consistent_and_wide_expert_varies(task):
     assert np.ptp(wide[:, 0]) > 0.01 and np.ptp(wide[:, 1]) > 0.05 and np.ptp(wide[:, 2]) > 0.1
 
 
+@pytest.mark.parametrize("task", ["cup", "bowl"])
+def test_shipped_expert_never_keeps_the_observed_state_still_for_long(task):
+    # A policy re-plans from what it observes. Where the expert waits with the arm still and the
+    # fingers blocked by the object, the state does not change; a wait longer than the steps a policy
+    # executes per chunk (8) can stall it at that state for good. The wide expert waits up to 9 steps.
+    def longest_still(env, seed):
+        states = []
+        run_expert_episode(env, seed, on_step=lambda obs, action: states.append(obs.state.copy()))
+        still = np.abs(np.diff(np.array(states), axis=0)).max(axis=1) < 5e-4
+        best = run = 0
+        for s in still:
+            run = run + 1 if s else 0
+            best = max(best, run)
+        return best
+
+    with SimCell(task, SimConfig(render=False)) as env:
+        assert max(longest_still(env, seed) for seed in range(3)) <= 4
+
+
 def test_expert_variety_errors_are_clear(cup_env, tmp_path):
     with pytest.raises(ValueError, match="'task' or 'wide'"):
         make_expert(cup_env, 0, "narrow")
