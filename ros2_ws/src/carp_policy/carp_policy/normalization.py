@@ -1,7 +1,11 @@
 """Per-dimension normalization of states and actions, as the CARP paper does it.
 
 xyz and gripper are min-max scaled to [-1, 1]; rotation6d is already in [-1, 1] and is left as is.
-The stats travel with the checkpoint as ``normalization.json``.
+So are the unit-vector components of the environment state (names ending in ``_up_x|y|z``, e.g. the
+object's up axis). Min-max scaling them is a trap: an upright object's up_x spans ~1e-3 in the data,
+so a 1-degree tilt in closed loop became ~35 normalised units, and the residual tilt of each
+demonstration became a feature that tells the episodes apart. The stats travel with the checkpoint
+as ``normalization.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,13 @@ from carp_policy.actions import ROT6D
 # A dimension that never moves in the data (e.g. a gripper that stays open) would divide by ~0;
 # a floor of 1 mm keeps its normalised value bounded without distorting real ranges.
 MIN_RANGE = 1e-3
+UNIT_SUFFIXES = ("_up_x", "_up_y", "_up_z")  # state names of unit-vector components: passed through
+
+
+def passthrough_dims(state_names: list[str]) -> list[int]:
+    """Indices of the state left unnormalised: rot6d, and unit-vector components by name."""
+    unit = [i for i, n in enumerate(state_names) if n.endswith(UNIT_SUFFIXES)]
+    return sorted(set(range(ROT6D.start, ROT6D.stop)) | set(unit))
 
 
 @dataclass
@@ -47,16 +58,21 @@ class Normalizer:
         )
 
     @staticmethod
-    def _scale_offset(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x_n = (x - offset) / scale; identity on the rot6d dims."""
+    def _scale_offset(
+        lo: np.ndarray, hi: np.ndarray, passthrough: list[int] | slice = ROT6D
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """x_n = (x - offset) / scale; identity on the ``passthrough`` dims (rot6d for actions)."""
         scale = np.maximum(hi - lo, MIN_RANGE) / 2.0
         offset = (hi + lo) / 2.0
-        scale[ROT6D], offset[ROT6D] = 1.0, 0.0
+        scale[passthrough], offset[passthrough] = 1.0, 0.0
         return scale, offset
 
+    def _state_scale_offset(self) -> tuple[np.ndarray, np.ndarray]:
+        return self._scale_offset(self.state_min, self.state_max, passthrough_dims(self.state_names))
+
     def normalize_state(self, x: np.ndarray) -> np.ndarray:
-        """(..., 10) physical state -> normalised."""
-        s, o = self._scale_offset(self.state_min, self.state_max)
+        """(..., S) physical state -> normalised."""
+        s, o = self._state_scale_offset()
         return ((x - o) / s).astype(np.float32)
 
     def normalize_action(self, x: np.ndarray) -> np.ndarray:
@@ -71,8 +87,11 @@ class Normalizer:
 
     def torch_params(self, which: str) -> tuple[np.ndarray, np.ndarray]:
         """(scale, offset) as float32 arrays for 'state' or 'action', for batched torch use."""
-        lo, hi = (self.state_min, self.state_max) if which == "state" else (self.action_min, self.action_max)
-        s, o = self._scale_offset(lo, hi)
+        s, o = (
+            self._state_scale_offset()
+            if which == "state"
+            else self._scale_offset(self.action_min, self.action_max)
+        )
         return s.astype(np.float32), o.astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,7 +99,7 @@ class Normalizer:
         return {
             "observation.state": {"min": self.state_min.tolist(), "max": self.state_max.tolist()},
             "action": {"min": self.action_min.tolist(), "max": self.action_max.tolist()},
-            "scheme": "xyz and gripper min-max to [-1, 1]; rot6d unchanged",
+            "scheme": "xyz and gripper min-max to [-1, 1]; rot6d and *_up_x|y|z state unchanged",
             "state_names": list(self.state_names),
         }
 

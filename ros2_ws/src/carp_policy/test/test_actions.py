@@ -5,6 +5,7 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from carp_policy.actions import (
+    STATE_NAMES,
     ActionChunk,
     Observation,
     ObservationHistory,
@@ -98,3 +99,26 @@ def test_environment_state_is_stacked_validated_and_appended():
         validate_observation(Observation(state=s.state), 2, 10, (), env_state_dim=3)
     with pytest.raises(ValueError, match=r"env_state must have shape \(2, 4\)"):
         validate_observation(s, 2, 10, (), env_state_dim=4)
+
+
+def test_unit_vector_state_dims_pass_through_normalization(tmp_path):
+    # An upright object's up axis barely moves in the demonstrations (range ~1e-3). Min-max scaling
+    # would turn a 2-degree tilt in closed loop into ~70 normalised units; it must pass through.
+    from carp_policy.normalization import Normalizer, passthrough_dims
+
+    names = [*STATE_NAMES, "object_x", "object_up_x", "object_up_y", "object_up_z"]
+    lo = np.array([-0.5, -0.3, 0.05, *[-1.0] * 6, 0.0, -0.55, -6e-4, -2e-4, 1.0])
+    hi = np.array([-0.3, 0.3, 0.30, *[1.0] * 6, 0.085, -0.38, 2e-4, 3e-4, 1.0])
+    stats = {"observation.state": {"min": lo, "max": hi}, "action": {"min": lo[:10], "max": hi[:10]}}
+    nz = Normalizer.from_stats({**stats, "state_names": names})
+    assert passthrough_dims(names) == [3, 4, 5, 6, 7, 8, 11, 12, 13]
+    tilted = (lo + hi) / 2
+    tilted[11:14] = [np.sin(np.radians(2.0)), 0.0, np.cos(np.radians(2.0))]
+    x = nz.normalize_state(tilted)
+    np.testing.assert_allclose(x[11:14], tilted[11:14], rtol=1e-6)
+    assert abs(x[10]) < 1e-6 and abs(x[0]) < 1e-6  # positions are still min-max scaled
+    nz.save(tmp_path / "n.json")  # the names travel with the stats, so a loaded normalizer agrees
+    np.testing.assert_allclose(Normalizer.load(tmp_path / "n.json").normalize_state(tilted), x)
+    # without names (older checkpoints) only rot6d passes through, as before
+    old = Normalizer.from_stats(stats)
+    assert abs(old.normalize_state(tilted)[11]) > 30
