@@ -3,9 +3,9 @@
 xyz and gripper are min-max scaled to [-1, 1]; rotation6d is already in [-1, 1] and is left as is.
 So are the unit-vector components of the environment state (names ending in ``_up_x|y|z``, e.g. the
 object's up axis). Min-max scaling them is a trap: an upright object's up_x spans ~1e-3 in the data,
-so a 1-degree tilt in closed loop became ~35 normalised units, and the residual tilt of each
-demonstration became a feature that tells the episodes apart. The stats travel with the checkpoint
-as ``normalization.json``.
+so a 2-degree tilt in closed loop became ~70 normalised units, far outside the training data, and
+the residual tilt of each demonstration could tell the episodes apart. The stats travel with the
+checkpoint as ``normalization.json``.
 """
 
 from __future__ import annotations

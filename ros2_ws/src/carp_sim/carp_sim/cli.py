@@ -34,9 +34,9 @@ def collect(
 ) -> dict:
     """Run the expert closed-loop at the control rate and record ``episodes`` episodes to ``out``.
 
-        Episode i of the attempt sequence uses seed ``seed + i``; failed attempts are discarded (unless
-        ``keep_failures``) and further seeds are tried until ``episodes`` are saved or ``max_attempts``
-        (default 2x episodes) run out. ``expert_variety``: "task" (the task YAML's ``expert:`` ranges) or
+    Episode i of the attempt sequence uses seed ``seed + i``; failed attempts are discarded (unless
+    ``keep_failures``) and further seeds are tried until ``episodes`` are saved or ``max_attempts``
+    (default 2x episodes) run out. ``expert_variety``: "task" (the task YAML's ``expert:`` ranges) or
     "wide" (``carp_sim.expert.WIDE_VARIETY``). Returns the summary dict (also in ``out/collect.json``).
     """
     from tqdm import tqdm
