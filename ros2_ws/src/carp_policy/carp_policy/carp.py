@@ -321,7 +321,9 @@ class CarpPolicy:
         state, images = validate_observation(
             obs, self.obs_horizon, enc.state_dim, self.cameras, enc.image_size, enc.env_state_dim
         )
-        norm = (state.astype(np.float32) - self._state_offset) / self._state_scale
+        self._state_now = state[-1]  # a relative chunk is an offset from this TCP position
+        state = self.normalizer.state_to_frame(state).astype(np.float32)
+        norm = (state - self._state_offset) / self._state_scale
         return {
             "state": torch.from_numpy(norm)[None].to(self.device),
             "images": {cam: torch.from_numpy(img)[None].to(self.device) for cam, img in images.items()},
@@ -333,6 +335,7 @@ class CarpPolicy:
         batch = self._batch(observation)
         actions = self.model.generate(batch, top_k=self.top_k)[0].float().cpu().numpy()  # (H, D)
         actions = self.normalizer.unnormalize_action(actions)
+        actions = self.normalizer.actions_from_frame(actions, self._state_now)
         actions[:, ROT6D] = matrix_to_rot6d(rot6d_to_matrix(actions[:, ROT6D]))
         return ActionChunk(
             actions=actions, timestamp=observation.timestamp, latency_s=time.perf_counter() - t0

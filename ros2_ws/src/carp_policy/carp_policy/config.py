@@ -98,6 +98,10 @@ class TrainConfig:
     val_batches: int = 8  # batches of held-out windows for the end-of-stage reports
     num_workers: int = 0
     seed: int = 0
+    # Translation augmentation, metres: each training window is shifted in x and y by a uniform
+    # offset in [-s, s] (TCP, object and target positions and the chunk alike). The table is flat,
+    # so the shifted scene is as valid as the recorded one; it turns 50 layouts into a continuum.
+    shift_augment: float = 0.0
 
 
 @dataclass
@@ -105,6 +109,7 @@ class CarpConfig:
     """Everything that defines a CARP policy and how it is trained."""
 
     name: str = "carp_state"
+    frame: str = "absolute"  # positions as recorded, or "relative" to the TCP (normalization.py)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
@@ -118,6 +123,8 @@ class CarpConfig:
             raise ValueError("tokenizer.horizon must be 4 x latent_len (two stride-2 convolutions)")
         if tok.lookup not in ("l2", "cosine"):
             raise ValueError(f"tokenizer.lookup must be 'l2' or 'cosine', got {tok.lookup!r}")
+        if self.frame not in ("absolute", "relative"):
+            raise ValueError(f"frame must be 'absolute' or 'relative', got {self.frame!r}")
         if self.encoder.kind not in ("state", "visual"):
             raise ValueError(f"encoder.kind must be 'state' or 'visual', got {self.encoder.kind!r}")
         if self.encoder.kind == "visual" and not self.encoder.cameras:

@@ -67,6 +67,7 @@ class DiffusionConfig:
 
     name: str = "dpc_state"
     family: str = "diffusion"  # the switch `carp-train` reads to pick the policy family
+    frame: str = "absolute"  # positions as recorded, or "relative" to the TCP (normalization.py)
     horizon: int = 16  # T: action chunk length
     action_dim: int = 10  # A
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -84,6 +85,8 @@ class DiffusionConfig:
             )
         if any(d % self.unet.n_groups for d in self.unet.down_dims):
             raise ValueError(f"every unet.down_dims entry must divide by n_groups={self.unet.n_groups}")
+        if self.frame not in ("absolute", "relative"):
+            raise ValueError(f"frame must be 'absolute' or 'relative', got {self.frame!r}")
         if self.noise.sampler not in ("ddim", "ddpm"):
             raise ValueError(f"noise.sampler must be 'ddim' or 'ddpm', got {self.noise.sampler!r}")
         if not 1 <= self.noise.num_inference_steps <= self.noise.num_train_timesteps:
@@ -326,8 +329,10 @@ class DiffusionPolicy(nn.Module):
         batch: "state" (B, O, S), "action" (B, T, A) float, "images" {cam: (B, O, H, W, 3) uint8}.
         Returns {"loss": scalar}: MSE between the true and predicted noise at a uniformly drawn step.
         """
-        obs = {"state": self._normalize_state(batch["state"]), "images": batch.get("images", {})}
-        loss, _ = self.loss(obs, self._normalize_action(batch["action"]))
+        state = batch["state"].float()
+        obs = {"state": self._normalize_state(state), "images": batch.get("images", {})}
+        actions = self._norm().actions_to_frame(batch["action"].float(), state[:, -1])
+        loss, _ = self.loss(obs, self._normalize_action(actions))
         return {"loss": loss}
 
     def loss(self, batch: dict, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -409,7 +414,8 @@ class DiffusionPolicy(nn.Module):
     ) -> torch.Tensor:
         """Physical state (B, O, S) + uint8 images -> (B, T, A) physical actions (rot6d as sampled)."""
         emb = self.encode_obs(self._normalize_state(state), images or {})
-        return self._unnormalize_action(self.sample(emb, **sample_kw))
+        actions = self._unnormalize_action(self.sample(emb, **sample_kw))  # (B, T, A) in the policy's frame
+        return self._norm().actions_from_frame(actions, state[:, -1])
 
     @torch.no_grad()
     def predict(self, observation: Observation) -> ActionChunk:
@@ -437,15 +443,19 @@ class DiffusionPolicy(nn.Module):
     def _device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def _norm_params(self, which: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _norm(self) -> Normalizer:
         if self.normalizer is None:
             raise RuntimeError("DiffusionPolicy has no normalizer: pass one built from the dataset stats")
-        s, o = self.normalizer.torch_params(which)
+        return self.normalizer
+
+    def _norm_params(self, which: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s, o = self._norm().torch_params(which)
         return torch.as_tensor(s, device=like.device), torch.as_tensor(o, device=like.device)
 
     def _normalize_state(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., S) physical state -> the policy's frame, normalised."""
         s, o = self._norm_params("state", x)
-        return (x.float() - o) / s
+        return (self._norm().state_to_frame(x.float()) - o) / s
 
     def _normalize_action(self, x: torch.Tensor) -> torch.Tensor:
         s, o = self._norm_params("action", x)

@@ -301,6 +301,7 @@ class OnnxPolicy:
                 f"dim {ACTION_NAMES[d]}: chunk refused"
             )
         actions = self.normalizer.unnormalize_action(actions)
+        actions = self.normalizer.actions_from_frame(actions, self._state_now)
         actions[:, ROT6D] = matrix_to_rot6d(rot6d_to_matrix(actions[:, ROT6D]))
         return ActionChunk(actions=actions, timestamp=timestamp, latency_s=time.perf_counter() - t0)
 
@@ -314,8 +315,10 @@ class OnnxPolicy:
             self.spec.get("image_size"),
             int(self.spec.get("env_state_dim", 0)),
         )
+        self._state_now = state[-1]  # a relative chunk is an offset from this TCP position
         # the same float32 arithmetic as the torch policies, so both see bit-identical inputs
-        norm = (state.astype(np.float32) - self._state_offset) / self._state_scale
+        state = self.normalizer.state_to_frame(state).astype(np.float32)
+        norm = (state - self._state_offset) / self._state_scale
         self._inputs["state"].update_inplace(np.ascontiguousarray(norm[None], dtype=np.float32))
         for cam, img in images.items():
             self._inputs[f"image_{cam}"].update_inplace(np.ascontiguousarray(img[None]))

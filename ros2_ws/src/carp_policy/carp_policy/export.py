@@ -521,7 +521,8 @@ def _torch_dpc_ddim(policy: Any, obs: Observation, noise: torch.Tensor) -> np.nd
         x = noise.clone()
         for t in sched.timesteps:
             x = sched.step(policy.denoise_step(x, t.expand(1), emb), t, x).prev_sample
-        actions = policy._unnormalize_action(x)[0].double().numpy()
+        actions = policy._norm().actions_from_frame(policy._unnormalize_action(x), state[:, -1])
+        actions = actions[0].double().numpy()
     actions[:, ROT6D] = matrix_to_rot6d(rot6d_to_matrix(actions[:, ROT6D]))
     return actions
 

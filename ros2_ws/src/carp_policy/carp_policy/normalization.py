@@ -6,6 +6,13 @@ object's up axis). Min-max scaling them is a trap: an upright object's up_x span
 so a 2-degree tilt in closed loop became ~70 normalised units, far outside the training data, and
 the residual tilt of each demonstration could tell the episodes apart. The stats travel with the
 checkpoint as ``normalization.json``.
+
+The normalizer also owns the *frame* the networks see. ``absolute``: positions in the robot base
+frame, as recorded. ``relative``: the chunk's positions are offsets from the TCP position at the
+decision time, and the environment state's positions (``object_x``, ``target_y``, ...) are offsets
+from the TCP position of the same step. A relative chunk is a function of where things are *from
+the gripper*, which every frame of every demonstration samples densely, whereas an absolute one has
+to be read off one demonstrated layout per episode. Rotations and the gripper stay absolute.
 """
 
 from __future__ import annotations
@@ -17,18 +24,36 @@ from typing import Any
 
 import numpy as np
 
-from carp_policy.actions import ROT6D
+from carp_policy.actions import POS, ROT6D
 
 # A dimension that never moves in the data (e.g. a gripper that stays open) would divide by ~0;
 # a floor of 1 mm keeps its normalised value bounded without distorting real ranges.
 MIN_RANGE = 1e-3
 UNIT_SUFFIXES = ("_up_x", "_up_y", "_up_z")  # state names of unit-vector components: passed through
+FRAMES = ("absolute", "relative")
+_AXES = {"_x": 0, "_y": 1, "_z": 2}
 
 
 def passthrough_dims(state_names: list[str]) -> list[int]:
     """Indices of the state left unnormalised: rot6d, and unit-vector components by name."""
     unit = [i for i, n in enumerate(state_names) if n.endswith(UNIT_SUFFIXES)]
     return sorted(set(range(ROT6D.start, ROT6D.stop)) | set(unit))
+
+
+def env_position_dims(state_names: list[str]) -> tuple[list[int], list[int]]:
+    """(indices, TCP axes) of the environment-state positions: names ``<thing>_x|y|z`` after the robot
+    state (``object_x`` -> axis 0), unit-vector components excluded."""
+    dims, axes = [], []
+    for i, n in enumerate(state_names):
+        if i >= ROT6D.stop + 1 and not n.endswith(UNIT_SUFFIXES) and n[-2:] in _AXES:
+            dims.append(i)
+            axes.append(_AXES[n[-2:]])
+    return dims, axes
+
+
+def _copy(x: Any) -> Any:
+    """A copy of a NumPy array or a torch tensor (the frame changes run on both)."""
+    return x.clone() if hasattr(x, "clone") else np.array(x, copy=True)
 
 
 @dataclass
@@ -40,6 +65,15 @@ class Normalizer:
     action_min: np.ndarray
     action_max: np.ndarray
     state_names: list[str] = field(default_factory=list)  # of the policy's state vector, if known
+    frame: str = "absolute"  # "absolute" | "relative" (positions from the TCP, see the module doc)
+
+    def __post_init__(self) -> None:
+        if self.frame not in FRAMES:
+            raise ValueError(f"frame must be one of {FRAMES}, got {self.frame!r}")
+        if self.frame == "relative" and self.state_names and self.state_names[:3] != ["x", "y", "z"]:
+            raise ValueError(
+                f"a relative frame needs the TCP position first in the state, got {self.state_names[:3]}"
+            )
 
     @classmethod
     def from_stats(cls, stats: dict[str, dict[str, Any]]) -> Normalizer:
@@ -55,7 +89,34 @@ class Normalizer:
             f("action", "min"),
             f("action", "max"),
             list(stats.get("state_names", [])),
+            stats.get("frame", "absolute"),
         )
+
+    # ------------------------------------------------------------------ frame
+    def state_to_frame(self, x: Any) -> Any:
+        """(..., S) physical state (NumPy or torch) -> the policy's frame (a copy where it changes)."""
+        if self.frame == "absolute":
+            return x
+        dims, axes = env_position_dims(self.state_names)
+        y = _copy(x)
+        y[..., dims] = x[..., dims] - x[..., axes]
+        return y
+
+    def actions_to_frame(self, actions: Any, state_now: Any) -> Any:
+        """(..., H, 10) physical actions -> the policy's frame; state_now (..., S): the decision time."""
+        if self.frame == "absolute":
+            return actions
+        y = _copy(actions)
+        y[..., POS] = actions[..., POS] - state_now[..., None, POS]
+        return y
+
+    def actions_from_frame(self, actions: Any, state_now: Any) -> Any:
+        """Inverse of ``actions_to_frame``: (..., H, 10) in the policy's frame -> physical (base frame)."""
+        if self.frame == "absolute":
+            return actions
+        y = _copy(actions)
+        y[..., POS] = actions[..., POS] + state_now[..., None, POS]
+        return y
 
     @staticmethod
     def _scale_offset(
@@ -71,17 +132,18 @@ class Normalizer:
         return self._scale_offset(self.state_min, self.state_max, passthrough_dims(self.state_names))
 
     def normalize_state(self, x: np.ndarray) -> np.ndarray:
-        """(..., S) physical state -> normalised."""
+        """(..., S) physical state -> the policy's frame, normalised."""
         s, o = self._state_scale_offset()
-        return ((x - o) / s).astype(np.float32)
+        return ((self.state_to_frame(np.asarray(x, np.float64)) - o) / s).astype(np.float32)
 
     def normalize_action(self, x: np.ndarray) -> np.ndarray:
-        """(..., 10) physical action -> normalised."""
+        """(..., 10) action in the policy's frame (``actions_to_frame``) -> normalised."""
         s, o = self._scale_offset(self.action_min, self.action_max)
         return ((x - o) / s).astype(np.float32)
 
     def unnormalize_action(self, x: np.ndarray) -> np.ndarray:
-        """(..., 10) normalised action -> physical units (float64)."""
+        """(..., 10) normalised action -> physical units in the policy's frame (float64); a relative
+        chunk still needs ``actions_from_frame`` before it means a pose."""
         s, o = self._scale_offset(self.action_min, self.action_max)
         return np.asarray(x, dtype=np.float64) * s + o
 
@@ -101,6 +163,7 @@ class Normalizer:
             "action": {"min": self.action_min.tolist(), "max": self.action_max.tolist()},
             "scheme": "xyz and gripper min-max to [-1, 1]; rot6d and *_up_x|y|z state unchanged",
             "state_names": list(self.state_names),
+            "frame": self.frame,
         }
 
     def save(self, path: str | Path) -> None:
@@ -111,3 +174,26 @@ class Normalizer:
     def load(cls, path: str | Path) -> Normalizer:
         """Read ``normalization.json``."""
         return cls.from_stats(json.loads(Path(path).read_text()))
+
+
+def frame_stats(
+    episodes: list[tuple[np.ndarray, np.ndarray]], horizon: int, normalizer: Normalizer
+) -> dict[str, dict[str, np.ndarray]]:
+    """Min / max of the state rows and the action windows as the policy sees them in its frame.
+
+    episodes: (state (T, S), action (T, 10)) per episode; the windows are those of training (the
+    chunk of frame t is rows t..t+H-1, the last row repeated past the end, relative to state t).
+    """
+    states, actions = [], []
+    for state, action in episodes:
+        n = len(state)
+        state, action = np.asarray(state, np.float64), np.asarray(action, np.float64)
+        idx = np.minimum(np.arange(n)[:, None] + np.arange(horizon), n - 1)  # (T, H)
+        states.append(normalizer.state_to_frame(state))
+        chunk = normalizer.actions_to_frame(action[idx], state)  # (T, H, 10)
+        actions.append(chunk.reshape(-1, chunk.shape[-1]))
+    s, a = np.concatenate(states), np.concatenate(actions)
+    return {
+        "observation.state": {"min": s.min(0), "max": s.max(0)},
+        "action": {"min": a.min(0), "max": a.max(0)},
+    }

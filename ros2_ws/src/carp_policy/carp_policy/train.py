@@ -38,7 +38,7 @@ from tqdm import tqdm
 from carp_policy.actions import GRIPPER, POS, ROT6D, rotation_error_deg
 from carp_policy.carp import CarpModel, count_parameters
 from carp_policy.config import CarpConfig, config_path
-from carp_policy.normalization import Normalizer
+from carp_policy.normalization import Normalizer, env_position_dims, frame_stats
 
 
 # ----------------------------------------------------------------------------- data
@@ -78,8 +78,15 @@ def open_dataset(spec: str, cfg: CarpConfig, seed: int) -> tuple[Dataset, Datase
     train = windows(ds, train_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     val = windows(ds, val_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     actions_only = windows(ds, train_idx, obs_horizon=1, action_horizon=H, cameras=[])
-    normalizer = Normalizer.from_stats(ds.stats())
-    normalizer.state_names = list(ds.state_names)
+    frame = getattr(cfg, "frame", "absolute")
+    if frame == "absolute":
+        normalizer = Normalizer.from_stats(ds.stats())
+        normalizer.state_names = list(ds.state_names)
+    else:
+        normalizer = Normalizer(*(np.zeros(0),) * 4, state_names=list(ds.state_names), frame=frame)
+        vectors = [ds.vectors(i) if hasattr(ds, "vectors") else ds.episode(i) for i in range(len(ds))]
+        stats = frame_stats([(v["state"], v["action"]) for v in vectors], H, normalizer)
+        normalizer = Normalizer.from_stats({**stats, "state_names": normalizer.state_names, "frame": frame})
     return train, val, actions_only, normalizer, ds
 
 
@@ -90,20 +97,35 @@ def infinite(loader: DataLoader) -> Iterator[dict]:
 
 
 class BatchNormalizer:
-    """Moves a collated batch to the device and normalises state and action there."""
+    """Moves a collated batch to the device, changes it to the policy's frame and normalises it."""
 
-    def __init__(self, normalizer: Normalizer, device: torch.device) -> None:
-        self.device = device
+    def __init__(self, normalizer: Normalizer, device: torch.device, shift: float = 0.0) -> None:
+        self.device, self.normalizer, self.shift = device, normalizer, shift
+        dims, axes = env_position_dims(normalizer.state_names)
+        xy = [(d, a) for d, a in zip(dims, axes) if a < 2]
+        # state dims moved by a shift in x, y and the shift component each takes: TCP x, y, then the scene's
+        self._shift_dims = [0, 1, *(d for d, _ in xy)]
+        self._shift_axes = [0, 1, *(a for _, a in xy)]
         s, o = normalizer.torch_params("state")
         self.s_scale, self.s_off = torch.from_numpy(s).to(device), torch.from_numpy(o).to(device)
         a, b = normalizer.torch_params("action")
         self.a_scale, self.a_off = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
 
-    def __call__(self, batch: dict) -> tuple[dict, torch.Tensor]:
-        """Collated batch -> (observation batch for the encoder, (B, H, D) normalised actions)."""
-        state = (batch["state"].to(self.device).float() - self.s_off) / self.s_scale
+    def __call__(self, batch: dict, augment: bool = False) -> tuple[dict, torch.Tensor]:
+        """Collated batch -> (observation batch for the encoder, (B, H, D) normalised actions).
+
+        augment: apply the translation augmentation (training batches only, never the reports)."""
+        nz, raw = self.normalizer, batch["state"].to(self.device).float()  # (B, O, S)
+        action = batch["action"].to(self.device).float()  # (B, H, D)
+        if augment and self.shift > 0:
+            d = (torch.rand(raw.shape[0], 1, 2, device=self.device) * 2 - 1) * self.shift  # (B, 1, 2)
+            raw, action = raw.clone(), action.clone()
+            raw[..., self._shift_dims] += d[..., self._shift_axes]
+            action[..., :2] += d
+        state = (nz.state_to_frame(raw) - self.s_off) / self.s_scale
+        action = nz.actions_to_frame(action, raw[:, -1])
         obs = {"state": state, "images": {k: v.to(self.device) for k, v in batch["images"].items()}}
-        return obs, (batch["action"].to(self.device).float() - self.a_off) / self.a_scale
+        return obs, (action - self.a_off) / self.a_scale
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -250,7 +272,7 @@ def train_tokenizer(
     revived, t0 = 0, time.perf_counter()
     bar = tqdm(range(start, steps), desc="tokenizer", initial=start, total=steps, dynamic_ncols=True)
     for step in bar:
-        _, actions = norm(next(it))
+        _, actions = norm(next(it), augment=True)
         recon, loss, _ = tok(actions)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -365,7 +387,7 @@ def train_policy(
     t0 = time.perf_counter()
     bar = tqdm(range(start, steps), desc="policy", initial=start, total=steps, dynamic_ncols=True)
     for step in bar:
-        obs, actions = norm(next(it))
+        obs, actions = norm(next(it), augment=True)
         # bf16 autocast on CUDA (no GradScaler needed); the tiny tokenizer lookups stay in fp32
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss, info = model.loss(obs, actions)
@@ -525,7 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         from carp_policy.diffusion import DiffusionPolicy
 
         model = DiffusionPolicy(cfg, normalizer).to(device)
-    norm = BatchNormalizer(normalizer, device)
+    norm = BatchNormalizer(normalizer, device, tc.shift_augment)
     print(
         f"carp-train: {cfg.name} on {args.dataset} ({len(episodes)} episodes, {len(train_ds)} train / "
         f"{len(val_ds)} val windows), device {device}",

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from scipy.spatial.transform import Rotation
 
 from carp_policy.actions import (
@@ -122,3 +123,49 @@ def test_unit_vector_state_dims_pass_through_normalization(tmp_path):
     # without names (older checkpoints) only rot6d passes through, as before
     old = Normalizer.from_stats(stats)
     assert abs(old.normalize_state(tilted)[11]) > 30
+
+
+def test_relative_frame_round_trip_stats_and_save(tmp_path):
+    # In the relative frame a chunk is offsets from the TCP at the decision time and the scene's
+    # positions are offsets from the TCP of their own step; rotations, up axes and gripper stay.
+    from carp_policy.normalization import Normalizer, env_position_dims, frame_stats
+
+    names = [*STATE_NAMES, "object_x", "object_y", "object_z", "object_up_x", "object_up_y",
+             "object_up_z", "target_x", "target_y"]  # fmt: skip
+    assert env_position_dims(names) == ([10, 11, 12, 16, 17], [0, 1, 2, 0, 1])
+    rng = np.random.default_rng(0)
+    state = rng.normal(size=(5, 2, 18))  # (B, O, S)
+    actions = rng.normal(size=(5, 16, 10))  # (B, H, D)
+    nz = Normalizer(*(np.zeros(0),) * 4, state_names=names, frame="relative")
+    rel = nz.state_to_frame(state)
+    np.testing.assert_allclose(rel[..., 10:13], state[..., 10:13] - state[..., 0:3])
+    np.testing.assert_allclose(rel[..., 16:18], state[..., 16:18] - state[..., 0:2])
+    np.testing.assert_array_equal(rel[..., :10], state[..., :10])  # robot state and up axis unchanged
+    np.testing.assert_array_equal(rel[..., 13:16], state[..., 13:16])
+    chunk = nz.actions_to_frame(actions, state[:, -1])
+    np.testing.assert_allclose(chunk[..., :3], actions[..., :3] - state[:, -1, None, :3])
+    np.testing.assert_array_equal(chunk[..., 3:], actions[..., 3:])
+    np.testing.assert_allclose(nz.actions_from_frame(chunk, state[:, -1]), actions)
+    # the same on torch tensors (training runs the frame change on the device)
+    t = nz.actions_to_frame(torch.from_numpy(actions), torch.from_numpy(state[:, -1]))
+    np.testing.assert_allclose(t.numpy(), chunk)
+    # stats are those of the training windows in the frame: rows t..t+H-1 (edge-padded) minus state t
+    ep_state, ep_action = rng.normal(size=(30, 18)), rng.normal(size=(30, 10))
+    stats = frame_stats([(ep_state, ep_action)], 16, nz)
+    wins = np.stack([ep_action[np.minimum(np.arange(t, t + 16), 29)] - np.r_[ep_state[t, :3], [0] * 7]
+                     for t in range(30)])  # fmt: skip
+    np.testing.assert_allclose(stats["action"]["min"], wins.reshape(-1, 10).min(0))
+    np.testing.assert_allclose(stats["action"]["max"], wins.reshape(-1, 10).max(0))
+    np.testing.assert_allclose(stats["observation.state"]["max"], nz.state_to_frame(ep_state).max(0))
+    fitted = Normalizer.from_stats({**stats, "state_names": names, "frame": "relative"})
+    fitted.save(tmp_path / "n.json")
+    loaded = Normalizer.load(tmp_path / "n.json")
+    assert loaded.frame == "relative"
+    np.testing.assert_allclose(loaded.normalize_state(ep_state), fitted.normalize_state(ep_state))
+    # the absolute frame (and every older checkpoint, which has no "frame") changes nothing
+    absolute = Normalizer.from_stats({k: v for k, v in stats.items()})
+    assert absolute.frame == "absolute" and absolute.actions_to_frame(actions, state[:, -1]) is actions
+    with pytest.raises(ValueError, match="frame must be one of"):
+        Normalizer(*(np.zeros(0),) * 4, frame="tcp")
+    with pytest.raises(ValueError, match="TCP position first"):
+        Normalizer(*(np.zeros(0),) * 4, state_names=["gripper", *names[1:]], frame="relative")

@@ -384,6 +384,57 @@ def test_environment_state_policy_exports_and_checks_env_state(tmp_path):
             policy.predict(bad)
 
 
+@pytest.mark.parametrize("family", ["carp", "dpc"])
+def test_relative_frame_policy_exports_with_parity(family, tmp_path):
+    """A relative-frame policy (chunk offsets from the TCP, scene positions from the TCP): the engine
+    applies the same frame change as torch on both sides of the graphs, and the chunk it returns is
+    in the base frame, following the TCP it was computed from."""
+    names = [*(f"s{i}" for i in range(3)), *(f"r{i}" for i in range(6)), "gripper", "object_x", "object_y"]
+    names[:3] = ["x", "y", "z"]
+    rel_lo, rel_hi = np.array([-0.3, -0.3, -0.2]), np.array([0.3, 0.3, 0.2])
+    a_lo, a_hi = np.r_[rel_lo, LO[3:]], np.r_[rel_hi, HI[3:]]
+    norm = Normalizer(np.r_[LO, -0.5, -0.5], np.r_[HI, 0.5, 0.5], a_lo, a_hi, names, frame="relative")
+    torch.manual_seed(3)
+    if family == "carp":
+        cfg = _carp_cfg("state")
+        cfg.encoder.env_state_dim, cfg.frame = 2, "relative"
+        policy = CarpPolicy(cfg, None, norm)
+        params = policy.model.parameters()
+    else:
+        policy = _dpc_policy()
+        policy.config.encoder.env_state_dim, policy.config.frame = 2, "relative"
+        policy = type(policy)(policy.config, norm).eval()
+        params = policy.parameters()
+    with torch.no_grad():
+        for p in params:
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+    manifest = export_policy(policy, tmp_path, parity_samples=2, verbose=False)
+    assert manifest["normalization"]["frame"] == "relative"
+    engine = OnnxPolicy(tmp_path, intra_op_threads=1)
+    state = np.tile(np.r_[0.4, 0.1, 0.3, 1, 0, 0, 0, -1, 0, 0.08], (2, 1))
+    noise = np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32)
+
+    def both(obs: Observation) -> tuple[np.ndarray, np.ndarray]:
+        if family == "carp":
+            return engine.predict(obs).actions, policy.predict(obs).actions
+        ref = _torch_dpc_ddim(policy, obs, torch.from_numpy(noise)[None])
+        return engine.predict(obs, noise=noise).actions, ref
+
+    obs = Observation(state=state, env_state=np.tile([0.5, 0.0], (2, 1)))
+    chunk, ref = both(obs)
+    np.testing.assert_allclose(chunk, ref, atol=1e-4, rtol=0)
+    # TCP and object moved together: the scene input in the frame is unchanged, the chunk's base
+    # frame origin moves with the TCP (engine and torch agree on where)
+    d = np.array([0.05, -0.04, 0.0])
+    moved = Observation(state=state + np.r_[d, [0] * 7], env_state=obs.env_state + d[:2])
+    moved_chunk, moved_ref = both(moved)
+    np.testing.assert_allclose(moved_chunk, moved_ref, atol=1e-4, rtol=0)
+    scene = lambda o: engine.normalizer.state_to_frame(np.c_[o.state, o.env_state])[:, 10:]  # noqa: E731
+    np.testing.assert_allclose(scene(moved), scene(obs))
+    assert np.abs(moved_chunk[:, :3] - chunk[:, :3]).max() > 1e-3
+
+
 def test_nan_output_is_refused(tmp_path):
     policy = _carp_policy("state", seed=2)
     with torch.no_grad():

@@ -126,6 +126,29 @@ def test_state_run_end_to_end_with_resume(tmp_path):
 
 
 @pytest.mark.slow
+def test_relative_frame_run(tmp_path):
+    """``--set frame=relative``: stats of the chunks as offsets from the TCP, the frame saved with
+    them, and the run loads into a policy whose chunks are back in the base frame."""
+    run = tmp_path / "run"
+    cfg = _config(tmp_path, "state_env")
+    args = ["--config", str(cfg), "--dataset", "synthetic:4", "--out", str(run), "--set", "frame=relative"]
+    r = _train(*args, "--tokenizer-steps", "10", "--policy-steps", "5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert CarpConfig.load(run / "config.yaml").frame == "relative"
+    stats = json.loads((run / "normalization.json").read_text())
+    assert stats["frame"] == "relative"
+    lo, hi = np.array(stats["action"]["min"][:3]), np.array(stats["action"]["max"][:3])
+    assert np.all(lo < 0) and np.all(hi > 0)  # offsets straddle the TCP; absolute x is 0.3..0.6 m
+    s_lo, s_hi = np.array(stats["observation.state"]["min"]), np.array(stats["observation.state"]["max"])
+    assert s_lo[0] > 0.2 and s_lo[10] < 0 < s_hi[10]  # TCP x absolute, object x as an offset from it
+    policy = CarpPolicy.from_run(run)
+    state = np.tile(np.r_[0.45, 0.0, 0.35, 1, 0, 0, 0, -1, 0, 0.085], (2, 1))
+    env = np.tile([0.5, 0.05, 0.03, 0, 0, 1, 0.4, -0.1], (2, 1))
+    chunk = policy.predict(Observation(state=state, env_state=env))
+    assert chunk.actions.shape == (16, 10) and np.all(np.isfinite(chunk.actions))
+
+
+@pytest.mark.slow
 def test_visual_run_end_to_end(tmp_path):
     run = tmp_path / "run"
     r = _train(
@@ -168,3 +191,40 @@ def test_clear_errors(tmp_path):
         CarpConfig.load(bad)
     with pytest.raises(FileNotFoundError, match="finished carp-train run"):
         CarpPolicy.from_run(tmp_path)
+
+
+def test_translation_augmentation_moves_the_whole_scene():
+    """``train.shift_augment``: one x, y offset per window moves the TCP, the object, the target and
+    the chunk together (z, rotations, up axis and gripper untouched); without ``augment`` nothing moves."""
+    import torch
+
+    from carp_policy.normalization import Normalizer
+    from carp_policy.train import BatchNormalizer
+
+    names = ["x", "y", "z", *(f"r6d_{i}" for i in range(6)), "gripper", "object_x", "object_y", "object_z",
+             "object_up_x", "object_up_y", "object_up_z", "target_x", "target_y"]  # fmt: skip
+    lo, hi = -np.ones(18), np.ones(18)  # scale 1, offset 0: normalised values are physical ones
+    for frame in ("absolute", "relative"):
+        norm = BatchNormalizer(
+            Normalizer(lo, hi, lo[:10], hi[:10], names, frame=frame), torch.device("cpu"), 0.03
+        )
+        torch.manual_seed(0)
+        batch = {"state": torch.rand(64, 2, 18), "action": torch.rand(64, 16, 10), "images": {}}
+        recorded = {k: batch[k].clone() for k in ("state", "action")}
+        plain_obs, plain_act = norm(batch)
+        obs, act = norm(batch, augment=True)
+        ds, da = obs["state"] - plain_obs["state"], act - plain_act
+        if frame == "absolute":
+            shift = da[:, 0, :2]  # (B, 2)
+            assert shift.abs().max() <= 0.03 + 1e-6 and shift.abs().max() > 0.02 and shift.std() > 0.01
+            torch.testing.assert_close(da[..., :2], shift[:, None].expand(-1, 16, -1))
+            for d in (0, 10, 16):  # x of TCP, object, target; y one further
+                torch.testing.assert_close(ds[..., d : d + 2], shift[:, None].expand(-1, 2, -1))
+            moved = [0, 1, 10, 11, 16, 17]
+        else:  # offsets from the TCP do not move; only the TCP's own position does
+            assert da.abs().max() < 1e-6
+            moved = [0, 1]
+        still = [i for i in range(18) if i not in moved]
+        assert ds[..., still].abs().max() < 1e-6 and da[..., 2:].abs().max() < 1e-6
+        assert ds[..., moved].abs().max() > 0.02
+        assert all(torch.equal(batch[k], recorded[k]) for k in recorded)  # the batch itself is not changed
