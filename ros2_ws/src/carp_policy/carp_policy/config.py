@@ -104,6 +104,15 @@ class TrainConfig:
     shift_augment: float = 0.0
 
 
+def check_shift_augment(train: TrainConfig, encoder: EncoderConfig) -> None:
+    """Translation augmentation moves positions only: the images of a visual policy would not move
+    with them, so the shifted windows would contradict what the cameras show."""
+    if train.shift_augment < 0:
+        raise ValueError(f"train.shift_augment must be >= 0 (metres), got {train.shift_augment}")
+    if train.shift_augment > 0 and encoder.kind == "visual":
+        raise ValueError("train.shift_augment needs a state encoder: images do not move with the shift")
+
+
 @dataclass
 class CarpConfig:
     """Everything that defines a CARP policy and how it is trained."""
@@ -129,6 +138,7 @@ class CarpConfig:
             raise ValueError(f"encoder.kind must be 'state' or 'visual', got {self.encoder.kind!r}")
         if self.encoder.kind == "visual" and not self.encoder.cameras:
             raise ValueError("a visual encoder needs at least one camera in encoder.cameras")
+        check_shift_augment(self.train, self.encoder)
         if self.transformer.width % self.transformer.heads:
             raise ValueError("transformer.width must be divisible by transformer.heads")
 

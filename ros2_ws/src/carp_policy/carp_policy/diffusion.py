@@ -34,7 +34,7 @@ from carp_policy.actions import (
     rot6d_to_matrix,
     validate_observation,
 )
-from carp_policy.config import EncoderConfig, TrainConfig, _build, config_path
+from carp_policy.config import EncoderConfig, TrainConfig, _build, check_shift_augment, config_path
 from carp_policy.encoders import build_encoder
 from carp_policy.normalization import Normalizer
 
@@ -93,6 +93,7 @@ class DiffusionConfig:
             raise ValueError("noise.num_inference_steps must be in [1, noise.num_train_timesteps]")
         if self.encoder.kind == "visual" and not self.encoder.cameras:
             raise ValueError("a visual encoder needs at least one camera in encoder.cameras")
+        check_shift_augment(self.train, self.encoder)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists) for YAML."""

@@ -228,3 +228,14 @@ def test_translation_augmentation_moves_the_whole_scene():
         assert ds[..., still].abs().max() < 1e-6 and da[..., 2:].abs().max() < 1e-6
         assert ds[..., moved].abs().max() > 0.02
         assert all(torch.equal(batch[k], recorded[k]) for k in recorded)  # the batch itself is not changed
+
+
+def test_shift_augment_is_refused_where_it_would_be_wrong():
+    from carp_policy.train import load_config
+
+    assert load_config("state_env").train.shift_augment == 0.03  # the released models' setting
+    for name in ("visual", "diffusion_visual"):  # images do not move with a shifted state
+        with pytest.raises(ValueError, match="needs a state encoder"):
+            load_config(name, ["train.shift_augment=0.02"])
+    with pytest.raises(ValueError, match=">= 0"):
+        load_config("state_env", ["train.shift_augment=-0.01"])
