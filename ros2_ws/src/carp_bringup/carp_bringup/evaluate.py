@@ -218,7 +218,13 @@ def plot_summary(summary: dict, results: list[TrialResult], path: Path) -> None:
         [str(r.seed), "yes" if r.success else "no", r.reason, f"{r.duration_s:.1f}"] for r in results[:20]
     ]
     if rows:
-        table = ax.table(cellText=rows, colLabels=["seed", "success", "reason", "s"], loc="center")
+        table = ax.table(
+            cellText=rows,
+            colLabels=["seed", "success", "reason", "s"],
+            colWidths=[0.15, 0.13, 0.57, 0.15],  # outcome reasons run to ~30 characters
+            cellLoc="center",
+            loc="center",
+        )
         table.auto_set_font_size(False)
         table.set_fontsize(7)
     fig.tight_layout()
