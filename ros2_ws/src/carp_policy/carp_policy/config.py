@@ -104,9 +104,13 @@ class TrainConfig:
     shift_augment: float = 0.0
 
 
-def check_shift_augment(train: TrainConfig, encoder: EncoderConfig) -> None:
-    """Translation augmentation moves positions only: the images of a visual policy would not move
-    with them, so the shifted windows would contradict what the cameras show."""
+def check_data_options(frame: str, train: TrainConfig, encoder: EncoderConfig) -> None:
+    """The frame and the translation augmentation, shared by every policy family's config.
+
+    The augmentation moves positions only: the images of a visual policy would not move with them,
+    so the shifted windows would contradict what the cameras show."""
+    if frame not in ("absolute", "relative"):
+        raise ValueError(f"frame must be 'absolute' or 'relative', got {frame!r}")
     if train.shift_augment < 0:
         raise ValueError(f"train.shift_augment must be >= 0 (metres), got {train.shift_augment}")
     if train.shift_augment > 0 and encoder.kind == "visual":
@@ -132,13 +136,11 @@ class CarpConfig:
             raise ValueError("tokenizer.horizon must be 4 x latent_len (two stride-2 convolutions)")
         if tok.lookup not in ("l2", "cosine"):
             raise ValueError(f"tokenizer.lookup must be 'l2' or 'cosine', got {tok.lookup!r}")
-        if self.frame not in ("absolute", "relative"):
-            raise ValueError(f"frame must be 'absolute' or 'relative', got {self.frame!r}")
         if self.encoder.kind not in ("state", "visual"):
             raise ValueError(f"encoder.kind must be 'state' or 'visual', got {self.encoder.kind!r}")
         if self.encoder.kind == "visual" and not self.encoder.cameras:
             raise ValueError("a visual encoder needs at least one camera in encoder.cameras")
-        check_shift_augment(self.train, self.encoder)
+        check_data_options(self.frame, self.train, self.encoder)
         if self.transformer.width % self.transformer.heads:
             raise ValueError("transformer.width must be divisible by transformer.heads")
 

@@ -34,7 +34,7 @@ from carp_policy.actions import (
     rot6d_to_matrix,
     validate_observation,
 )
-from carp_policy.config import EncoderConfig, TrainConfig, _build, check_shift_augment, config_path
+from carp_policy.config import EncoderConfig, TrainConfig, _build, check_data_options, config_path
 from carp_policy.encoders import build_encoder
 from carp_policy.normalization import Normalizer
 
@@ -85,15 +85,13 @@ class DiffusionConfig:
             )
         if any(d % self.unet.n_groups for d in self.unet.down_dims):
             raise ValueError(f"every unet.down_dims entry must divide by n_groups={self.unet.n_groups}")
-        if self.frame not in ("absolute", "relative"):
-            raise ValueError(f"frame must be 'absolute' or 'relative', got {self.frame!r}")
         if self.noise.sampler not in ("ddim", "ddpm"):
             raise ValueError(f"noise.sampler must be 'ddim' or 'ddpm', got {self.noise.sampler!r}")
         if not 1 <= self.noise.num_inference_steps <= self.noise.num_train_timesteps:
             raise ValueError("noise.num_inference_steps must be in [1, noise.num_train_timesteps]")
         if self.encoder.kind == "visual" and not self.encoder.cameras:
             raise ValueError("a visual encoder needs at least one camera in encoder.cameras")
-        check_shift_augment(self.train, self.encoder)
+        check_data_options(self.frame, self.train, self.encoder)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists) for YAML."""

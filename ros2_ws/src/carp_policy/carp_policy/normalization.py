@@ -71,6 +71,9 @@ class Normalizer:
     frame: str = "absolute"  # "absolute" | "relative" (positions from the TCP, see the module doc)
 
     def __post_init__(self) -> None:
+        # positions of the scene in the state and the TCP axis of each (see env_position_dims): the
+        # frame change runs on every inference and training batch, so they are found once
+        self.env_dims, self.env_axes = env_position_dims(self.state_names)
         if self.frame not in FRAMES:
             raise ValueError(f"frame must be one of {FRAMES}, got {self.frame!r}")
         if self.frame == "relative" and self.state_names and self.state_names[:3] != ["x", "y", "z"]:
@@ -95,14 +98,40 @@ class Normalizer:
             stats.get("frame", "absolute"),
         )
 
+    @classmethod
+    def fit(
+        cls,
+        episodes: list[tuple[np.ndarray, np.ndarray]],
+        horizon: int,
+        state_names: list[str],
+        frame: str = "absolute",
+    ) -> Normalizer:
+        """Min / max of the state rows and the action windows as the policy sees them in its frame.
+
+        episodes: (state (T, S), action (T, 10)) per episode; the windows are those of training (the
+        chunk of frame t is rows t..t+H-1, the last row repeated past the end, relative to state t).
+        In the absolute frame these are the per-row min / max of the recorded vectors.
+        """
+        empty = np.zeros(0)
+        probe = cls(empty, empty, empty, empty, list(state_names), frame)  # only its frame change is used
+        states, actions = [], []
+        for state, action in episodes:
+            n = len(state)
+            state, action = np.asarray(state, np.float64), np.asarray(action, np.float64)
+            idx = np.minimum(np.arange(n)[:, None] + np.arange(horizon), n - 1)  # (T, H)
+            states.append(probe.state_to_frame(state))
+            chunk = probe.actions_to_frame(action[idx], state)  # (T, H, 10)
+            actions.append(chunk.reshape(-1, chunk.shape[-1]))
+        s, a = np.concatenate(states), np.concatenate(actions)
+        return cls(s.min(0), s.max(0), a.min(0), a.max(0), list(state_names), frame)
+
     # ------------------------------------------------------------------ frame
     def state_to_frame(self, x: Any) -> Any:
         """(..., S) physical state (NumPy or torch) -> the policy's frame (a copy where it changes)."""
         if self.frame == "absolute":
             return x
-        dims, axes = env_position_dims(self.state_names)
         y = _copy(x)
-        y[..., dims] = x[..., dims] - x[..., axes]
+        y[..., self.env_dims] = x[..., self.env_dims] - x[..., self.env_axes]
         return y
 
     def actions_to_frame(self, actions: Any, state_now: Any) -> Any:
@@ -177,26 +206,3 @@ class Normalizer:
     def load(cls, path: str | Path) -> Normalizer:
         """Read ``normalization.json``."""
         return cls.from_stats(json.loads(Path(path).read_text()))
-
-
-def frame_stats(
-    episodes: list[tuple[np.ndarray, np.ndarray]], horizon: int, normalizer: Normalizer
-) -> dict[str, dict[str, np.ndarray]]:
-    """Min / max of the state rows and the action windows as the policy sees them in its frame.
-
-    episodes: (state (T, S), action (T, 10)) per episode; the windows are those of training (the
-    chunk of frame t is rows t..t+H-1, the last row repeated past the end, relative to state t).
-    """
-    states, actions = [], []
-    for state, action in episodes:
-        n = len(state)
-        state, action = np.asarray(state, np.float64), np.asarray(action, np.float64)
-        idx = np.minimum(np.arange(n)[:, None] + np.arange(horizon), n - 1)  # (T, H)
-        states.append(normalizer.state_to_frame(state))
-        chunk = normalizer.actions_to_frame(action[idx], state)  # (T, H, 10)
-        actions.append(chunk.reshape(-1, chunk.shape[-1]))
-    s, a = np.concatenate(states), np.concatenate(actions)
-    return {
-        "observation.state": {"min": s.min(0), "max": s.max(0)},
-        "action": {"min": a.min(0), "max": a.max(0)},
-    }

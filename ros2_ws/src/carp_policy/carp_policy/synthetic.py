@@ -123,6 +123,10 @@ class SyntheticEpisodes:
         """Episode i: {"state": (T, 10), "action": (T, 10), "images": {cam: (T, H, W, 3)}}."""
         return self.episodes[i]
 
+    def vectors(self, i: int) -> dict[str, np.ndarray]:
+        """Episode i's vectors, as ``EpisodeDataset.vectors``: {"state", "action", ...}."""
+        return self.episodes[i]
+
     def stats(self) -> dict[str, dict[str, np.ndarray]]:
         """Per-dimension min / max / mean / std of state and action over all episodes."""
         out = {}

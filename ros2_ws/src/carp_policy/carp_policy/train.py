@@ -38,7 +38,7 @@ from tqdm import tqdm
 from carp_policy.actions import GRIPPER, POS, ROT6D, rotation_error_deg
 from carp_policy.carp import CarpModel, count_parameters
 from carp_policy.config import CarpConfig, config_path
-from carp_policy.normalization import Normalizer, env_position_dims, frame_stats
+from carp_policy.normalization import Normalizer
 
 
 # ----------------------------------------------------------------------------- data
@@ -78,15 +78,10 @@ def open_dataset(spec: str, cfg: CarpConfig, seed: int) -> tuple[Dataset, Datase
     train = windows(ds, train_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     val = windows(ds, val_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     actions_only = windows(ds, train_idx, obs_horizon=1, action_horizon=H, cameras=[])
-    frame = getattr(cfg, "frame", "absolute")
-    if frame == "absolute":
-        normalizer = Normalizer.from_stats(ds.stats())
-        normalizer.state_names = list(ds.state_names)
-    else:
-        normalizer = Normalizer(*(np.zeros(0),) * 4, state_names=list(ds.state_names), frame=frame)
-        vectors = [ds.vectors(i) if hasattr(ds, "vectors") else ds.episode(i) for i in range(len(ds))]
-        stats = frame_stats([(v["state"], v["action"]) for v in vectors], H, normalizer)
-        normalizer = Normalizer.from_stats({**stats, "state_names": normalizer.state_names, "frame": frame})
+    vectors = [ds.vectors(i) for i in range(len(ds))]
+    normalizer = Normalizer.fit(
+        [(v["state"], v["action"]) for v in vectors], H, list(ds.state_names), cfg.frame
+    )
     return train, val, actions_only, normalizer, ds
 
 
@@ -101,8 +96,7 @@ class BatchNormalizer:
 
     def __init__(self, normalizer: Normalizer, device: torch.device, shift: float = 0.0) -> None:
         self.device, self.normalizer, self.shift = device, normalizer, shift
-        dims, axes = env_position_dims(normalizer.state_names)
-        xy = [(d, a) for d, a in zip(dims, axes) if a < 2]
+        xy = [(d, a) for d, a in zip(normalizer.env_dims, normalizer.env_axes) if a < 2]
         # state dims moved by a shift in x, y and the shift component each takes: TCP x, y, then the scene's
         self._shift_dims = [0, 1, *(d for d, _ in xy)]
         self._shift_axes = [0, 1, *(a for _, a in xy)]

@@ -128,7 +128,7 @@ def test_unit_vector_state_dims_pass_through_normalization(tmp_path):
 def test_relative_frame_round_trip_stats_and_save(tmp_path):
     # In the relative frame a chunk is offsets from the TCP at the decision time and the scene's
     # positions are offsets from the TCP of their own step; rotations, up axes and gripper stay.
-    from carp_policy.normalization import Normalizer, env_position_dims, frame_stats
+    from carp_policy.normalization import Normalizer, env_position_dims
 
     names = [*STATE_NAMES, "object_x", "object_y", "object_z", "object_up_x", "object_up_y",
              "object_up_z", "target_x", "target_y"]  # fmt: skip
@@ -151,20 +151,23 @@ def test_relative_frame_round_trip_stats_and_save(tmp_path):
     np.testing.assert_allclose(t.numpy(), chunk)
     # stats are those of the training windows in the frame: rows t..t+H-1 (edge-padded) minus state t
     ep_state, ep_action = rng.normal(size=(30, 18)), rng.normal(size=(30, 10))
-    stats = frame_stats([(ep_state, ep_action)], 16, nz)
     wins = np.stack([ep_action[np.minimum(np.arange(t, t + 16), 29)] - np.r_[ep_state[t, :3], [0] * 7]
                      for t in range(30)])  # fmt: skip
-    np.testing.assert_allclose(stats["action"]["min"], wins.reshape(-1, 10).min(0))
-    np.testing.assert_allclose(stats["action"]["max"], wins.reshape(-1, 10).max(0))
-    np.testing.assert_allclose(stats["observation.state"]["max"], nz.state_to_frame(ep_state).max(0))
-    fitted = Normalizer.from_stats({**stats, "state_names": names, "frame": "relative"})
+    fitted = Normalizer.fit([(ep_state, ep_action)], 16, names, "relative")
+    np.testing.assert_allclose(fitted.action_min, wins.reshape(-1, 10).min(0))
+    np.testing.assert_allclose(fitted.action_max, wins.reshape(-1, 10).max(0))
+    np.testing.assert_allclose(fitted.state_max, nz.state_to_frame(ep_state).max(0))
     fitted.save(tmp_path / "n.json")
     loaded = Normalizer.load(tmp_path / "n.json")
     assert loaded.frame == "relative"
     np.testing.assert_allclose(loaded.normalize_state(ep_state), fitted.normalize_state(ep_state))
+    # in the absolute frame the fit is the plain per-row min / max of the recorded vectors
+    plain = Normalizer.fit([(ep_state, ep_action)], 16, names)
+    np.testing.assert_array_equal(plain.state_min, ep_state.min(0))
+    np.testing.assert_array_equal(plain.action_max, ep_action.max(0))
     # the absolute frame (and every older checkpoint, which has no "frame") changes nothing
-    absolute = Normalizer.from_stats({k: v for k, v in stats.items()})
-    assert absolute.frame == "absolute" and absolute.actions_to_frame(actions, state[:, -1]) is actions
+    old = Normalizer.from_stats({k: v for k, v in plain.to_dict().items() if k != "frame"})
+    assert old.frame == "absolute" and old.actions_to_frame(actions, state[:, -1]) is actions
     with pytest.raises(ValueError, match="frame must be one of"):
         Normalizer(*(np.zeros(0),) * 4, frame="tcp")
     with pytest.raises(ValueError, match="TCP position first"):
