@@ -147,3 +147,6 @@ def test_collect_train_export_evaluate_end_to_end(demos: Path, tmp_path: Path, c
     summary = json.loads((out / "results.json").read_text())
     assert summary["trials"] == 1 and summary["latency_ms"]["count"] >= 1
     assert summary["per_trial"][0]["steps"] > 0
+    # the CARP config's shift ensemble travels in the manifest and runs in carp-eval (3 x 3 copies)
+    want = {"grid": 3, "radius": 0.02} if family == "carp" else {"grid": 1, "radius": 0.0}
+    assert manifest["config"]["ensemble"] == want and summary["ensemble"] == want

@@ -51,6 +51,9 @@ class EvalConfig:
     execute_steps: int = 8  # of the 16 predicted steps, execute this many, then re-plan
     account_latency: bool = True  # let sim time pass while the policy computes
     videos: int = 2  # rollout MP4s for the first N trials
+    # shift ensemble (carp_policy.config.EnsembleConfig): None runs the model's own setting
+    ensemble_grid: int | None = None
+    ensemble_radius: float = 0.0
     video_size: tuple[int, int] = (240, 320)
 
 
@@ -128,11 +131,16 @@ def run_trial(
     )
 
 
-def load_policy(spec: str, device: str = "cpu") -> Policy:
-    """A trained run directory, an exported model directory, or a released model name."""
+def load_policy(spec: str, device: str = "cpu", cfg: EvalConfig | None = None) -> Policy:
+    """A trained run directory, an exported model directory, or a released model name, with the
+    shift ensemble ``cfg`` asks for (the model's own when it asks for none)."""
     from carp_policy import load_policy as _load
+    from carp_policy.config import EnsembleConfig
 
-    return _load(spec, device=device)
+    ensemble = None
+    if cfg is not None and cfg.ensemble_grid is not None:
+        ensemble = EnsembleConfig(grid=cfg.ensemble_grid, radius=cfg.ensemble_radius)
+    return _load(spec, device=device, ensemble=ensemble)
 
 
 def _git_commit() -> str:
@@ -256,7 +264,7 @@ def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", 
 
     out.mkdir(parents=True, exist_ok=True)
     is_expert = policy_spec == "expert"
-    policy = None if is_expert else load_policy(policy_spec, device=device)
+    policy = None if is_expert else load_policy(policy_spec, device=device, cfg=cfg)
     if sim_config is None:  # render only the cameras the policy looks at (none for state policies)
         cams = () if policy is None else tuple(policy.cameras)
         sim_config = SimConfig(cameras=cams, render=bool(cams))
@@ -280,6 +288,10 @@ def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", 
     finally:
         cell.close()
     summary = summarize(results, cfg, policy_spec)
+    from carp_policy.factory import ShiftEnsemble
+
+    ens = policy.config if isinstance(policy, ShiftEnsemble) else None
+    summary["ensemble"] = {"grid": ens.grid, "radius": ens.radius} if ens else {"grid": 1, "radius": 0.0}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     plot_summary(summary, results, out / "summary.png")
     return summary
@@ -293,6 +305,9 @@ def print_summary(summary: dict, out: Path) -> None:
         f"({100 * summary['success_rate']:.0f}%, Wilson 95% CI {100 * lo:.0f}-{100 * hi:.0f}%)"
     )
     print("outcomes: " + ", ".join(f"{k}: {v}" for k, v in summary["outcomes"].items()))
+    ens = summary.get("ensemble", {"grid": 1})
+    if ens["grid"] > 1:
+        print(f"shift ensemble: {ens['grid']}x{ens['grid']} offsets within +-{100 * ens['radius']:.1f} cm")
     print(f"policy latency per chunk: p50 {lm['p50']:.2f} ms, p90 {lm['p90']:.2f} ms, p99 {lm['p99']:.2f} ms")
     print(f"mean episode {summary['mean_episode_s']:.1f} s; results in {out}/results.json, {out}/summary.png")
 
@@ -312,6 +327,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--execute-steps", type=int, default=8, help="steps of each 16-step chunk executed before re-planning"
     )
+    p.add_argument(
+        "--ensemble-grid",
+        type=int,
+        help="shift ensemble: an N x N grid of scene offsets averaged per chunk; 1 = off "
+        "(default: the model's own setting)",
+    )
+    p.add_argument(
+        "--ensemble-radius", type=float, default=0.0, help="m, half side of the --ensemble-grid offsets"
+    )
     p.add_argument("--videos", type=int, default=2, help="write rollout MP4s for the first N trials")
     p.add_argument(
         "--no-latency", action="store_true", help="freeze sim time during inference (debugging only)"
@@ -330,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         execute_steps=a.execute_steps,
         account_latency=not a.no_latency,
         videos=a.videos,
+        ensemble_grid=a.ensemble_grid,
+        ensemble_radius=a.ensemble_radius,
     )
     try:
         summary = evaluate(cfg, a.policy, a.out, device=a.device)

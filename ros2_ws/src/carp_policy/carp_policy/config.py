@@ -104,17 +104,63 @@ class TrainConfig:
     shift_augment: float = 0.0
 
 
-def check_data_options(frame: str, train: TrainConfig, encoder: EncoderConfig) -> None:
-    """The frame and the translation augmentation, shared by every policy family's config.
+@dataclass
+class EnsembleConfig:
+    """Test-time shift ensemble, the inference-time counterpart of ``train.shift_augment``.
 
-    The augmentation moves positions only: the images of a visual policy would not move with them,
-    so the shifted windows would contradict what the cameras show."""
+    The policy is run on ``grid`` x ``grid`` copies of the observation, each with the whole scene
+    (TCP, object, target) shifted in x and y by one offset of a grid spanning [-radius, radius]; each
+    chunk is shifted back and the chunks are averaged. A model trained with the augmentation should
+    answer every copy the same way, up to the shift; where it does not (a layout between the
+    demonstrated ones), the average cancels part of the error. This is frame averaging over the
+    translation group (Puny et al., "Frame Averaging for Invariant and Equivariant Network Design",
+    ICLR 2022), cut to a finite grid. It costs grid**2 inferences per chunk.
+    """
+
+    grid: int = 1  # n: an n x n grid of offsets; 1 = off (one inference, no shift)
+    radius: float = 0.0  # m, half the grid's side; at most train.shift_augment (what was trained)
+
+    def offsets(self) -> list[tuple[float, float]]:
+        """The grid's (dx, dy) offsets in metres, row-major (an odd grid includes (0, 0))."""
+        ticks = (
+            [0.0]
+            if self.grid == 1
+            else [-self.radius + 2 * self.radius * i / (self.grid - 1) for i in range(self.grid)]
+        )
+        return [(dx, dy) for dx in ticks for dy in ticks]
+
+
+def check_data_options(
+    frame: str, train: TrainConfig, encoder: EncoderConfig, ensemble: EnsembleConfig | None = None
+) -> None:
+    """The frame, the translation augmentation and the shift ensemble, shared by every policy
+    family's config.
+
+    The shifts move positions only: the images of a visual policy would not move with them, so a
+    shifted window would contradict what the cameras show. An ensemble may only use the shifts the
+    model was trained on, and in the relative frame a shift of the whole scene changes nothing."""
     if frame not in ("absolute", "relative"):
         raise ValueError(f"frame must be 'absolute' or 'relative', got {frame!r}")
     if train.shift_augment < 0:
         raise ValueError(f"train.shift_augment must be >= 0 (metres), got {train.shift_augment}")
     if train.shift_augment > 0 and encoder.kind == "visual":
         raise ValueError("train.shift_augment needs a state encoder: images do not move with the shift")
+    if ensemble is None or ensemble.grid == 1:
+        return
+    if ensemble.grid < 1 or ensemble.radius <= 0:
+        raise ValueError(
+            f"ensemble: grid must be >= 1 and radius > 0 when grid > 1, got grid={ensemble.grid}, "
+            f"radius={ensemble.radius}"
+        )
+    if ensemble.radius > train.shift_augment + 1e-12:
+        raise ValueError(
+            f"ensemble.radius {ensemble.radius} m exceeds train.shift_augment {train.shift_augment} m: "
+            "the model was never trained on such shifts (lower the radius, or set ensemble.grid=1)"
+        )
+    if frame != "absolute":
+        raise ValueError(
+            "a shift ensemble needs frame: absolute (relative positions do not move); set ensemble.grid=1"
+        )
 
 
 @dataclass
@@ -127,6 +173,7 @@ class CarpConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     transformer: TransformerConfig = field(default_factory=TransformerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def __post_init__(self) -> None:
         tok = self.tokenizer
@@ -140,7 +187,7 @@ class CarpConfig:
             raise ValueError(f"encoder.kind must be 'state' or 'visual', got {self.encoder.kind!r}")
         if self.encoder.kind == "visual" and not self.encoder.cameras:
             raise ValueError("a visual encoder needs at least one camera in encoder.cameras")
-        check_data_options(self.frame, self.train, self.encoder)
+        check_data_options(self.frame, self.train, self.encoder, self.ensemble)
         if self.transformer.width % self.transformer.heads:
             raise ValueError("transformer.width must be divisible by transformer.heads")
 
@@ -175,6 +222,7 @@ class CarpConfig:
                 "encoder": EncoderConfig,
                 "transformer": TransformerConfig,
                 "train": TrainConfig,
+                "ensemble": EnsembleConfig,
             }.get(name)
             kwargs[name] = _build(sub, value or {}, name) if sub else value
         return cls(**kwargs)

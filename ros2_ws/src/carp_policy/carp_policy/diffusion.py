@@ -34,7 +34,14 @@ from carp_policy.actions import (
     rot6d_to_matrix,
     validate_observation,
 )
-from carp_policy.config import EncoderConfig, TrainConfig, _build, check_data_options, config_path
+from carp_policy.config import (
+    EncoderConfig,
+    EnsembleConfig,
+    TrainConfig,
+    _build,
+    check_data_options,
+    config_path,
+)
 from carp_policy.encoders import build_encoder
 from carp_policy.normalization import Normalizer
 
@@ -74,6 +81,7 @@ class DiffusionConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
 
     def __post_init__(self) -> None:
         if self.family != "diffusion":
@@ -91,7 +99,7 @@ class DiffusionConfig:
             raise ValueError("noise.num_inference_steps must be in [1, noise.num_train_timesteps]")
         if self.encoder.kind == "visual" and not self.encoder.cameras:
             raise ValueError("a visual encoder needs at least one camera in encoder.cameras")
-        check_data_options(self.frame, self.train, self.encoder)
+        check_data_options(self.frame, self.train, self.encoder, self.ensemble)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists) for YAML."""
@@ -104,7 +112,13 @@ class DiffusionConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DiffusionConfig:
         """Build from a nested dict; unknown keys raise ValueError naming them."""
-        sections = {"encoder": EncoderConfig, "unet": UNetConfig, "noise": NoiseConfig, "train": TrainConfig}
+        sections = {
+            "encoder": EncoderConfig,
+            "unet": UNetConfig,
+            "noise": NoiseConfig,
+            "train": TrainConfig,
+            "ensemble": EnsembleConfig,
+        }
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config keys: {sorted(unknown)}")

@@ -4,12 +4,21 @@ Accepted specs, checked in this order:
 - an exported model directory (``manifest.json``: the onnxruntime engine, CARP or DP-C);
 - a ``carp-train`` run directory (``config.yaml``: the torch policy of its family);
 - a released model name, looked up under the repository's ``models/`` (e.g. ``cup``).
+
+The model's ``ensemble`` setting (config.yaml, or the config in the manifest) wraps the policy in a
+:class:`ShiftEnsemble`; ``load_policy(..., ensemble=EnsembleConfig())`` overrides it (off).
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+
+from carp_policy.actions import ROT6D, ActionChunk, Observation, matrix_to_rot6d, rot6d_to_matrix
+from carp_policy.config import EncoderConfig, EnsembleConfig, TrainConfig, _build, check_data_options
 
 MODELS_DIR = Path(__file__).resolve().parents[4] / "models"
 
@@ -34,18 +43,93 @@ def load_torch_policy(run_dir: str | Path, device: str = "cpu") -> Any:
     return CarpPolicy.from_run(run, device=device)
 
 
-def load_policy(spec: str | Path, device: str = "cpu") -> Any:
-    """Load a policy from an exported model dir, a training run dir, or a released model name."""
+class ShiftEnsemble:
+    """Wraps a policy: averages its chunks over copies of the scene shifted in x, y (EnsembleConfig).
+
+    Each copy moves the TCP and every scene position (object, target) by one grid offset, and its
+    chunk is moved back; positions and the gripper are averaged, rotations averaged and
+    re-orthonormalised. Written here because it composes any ``Policy`` (CARP, DP-C, torch or ONNX)
+    with the normalizer's knowledge of which state dims are positions.
+    """
+
+    def __init__(self, policy: Any, config: EnsembleConfig) -> None:
+        if policy.cameras:
+            raise ValueError("a shift ensemble needs a state policy: images do not move with the shift")
+        nz = policy.normalizer
+        if nz.frame != "absolute":
+            raise ValueError("a shift ensemble needs frame: absolute (relative positions do not move)")
+        self.policy, self.config = policy, config
+        self.obs_horizon: int = policy.obs_horizon
+        self.cameras: tuple[str, ...] = tuple(policy.cameras)
+        self.offsets = np.asarray(config.offsets(), dtype=np.float64)  # (K, 2) metres
+        self._dims, self._axes = np.asarray(nz.shift_dims), np.asarray(nz.shift_axes)
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def predict(self, observation: Observation) -> ActionChunk:
+        """Observation -> the mean of the K shifted-back chunks (K = grid**2 inferences)."""
+        t0 = time.perf_counter()
+        obs = observation.with_horizon()
+        state = np.asarray(obs.state, dtype=np.float64)  # (O, S)
+        env = None if obs.env_state is None else np.asarray(obs.env_state, dtype=np.float64)  # (O, E)
+        S = state.shape[1]
+        chunks = []
+        for d in self.offsets:
+            full = state if env is None else np.concatenate([state, env], axis=1)  # (O, S + E)
+            full = full.copy()
+            full[:, self._dims] += d[self._axes]
+            shifted = Observation(
+                state=full[:, :S],
+                images=obs.images,
+                timestamp=obs.timestamp,
+                env_state=None if env is None else full[:, S:],
+            )
+            a = self.policy.predict(shifted).actions.copy()  # (H, D)
+            a[:, :2] -= d  # action dims 0, 1 are the TCP's x, y
+            chunks.append(a)
+        stack = np.stack(chunks)  # (K, H, D)
+        out = stack.mean(axis=0)
+        out[:, ROT6D] = matrix_to_rot6d(rot6d_to_matrix(out[:, ROT6D]))
+        return ActionChunk(out, timestamp=observation.timestamp, latency_s=time.perf_counter() - t0)
+
+
+def ensemble_config(path: Path, override: EnsembleConfig | None = None) -> EnsembleConfig:
+    """The shift ensemble for a model dir (its manifest's config) or a run dir (config.yaml): the
+    model's ``ensemble`` section (off if it has none), or ``override``, checked against what the
+    model was trained with (``config.check_data_options``)."""
+    import json
+
+    import yaml
+
+    if (path / "manifest.json").exists():
+        cfg = json.loads((path / "manifest.json").read_text()).get("config") or {}
+    else:
+        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    ens = EnsembleConfig(**(cfg.get("ensemble") or {})) if override is None else override
+    train = _build(TrainConfig, cfg.get("train") or {}, "train")
+    encoder = _build(EncoderConfig, cfg.get("encoder") or {}, "encoder")
+    check_data_options(cfg.get("frame", "absolute"), train, encoder, ens)
+    return ens
+
+
+def load_policy(spec: str | Path, device: str = "cpu", ensemble: EnsembleConfig | None = None) -> Any:
+    """Load a policy from an exported model dir, a training run dir, or a released model name.
+
+    ensemble: the shift ensemble to run it with; None takes the model's own setting."""
     path = Path(spec)
     if not path.exists() and (MODELS_DIR / str(spec)).exists():
         path = MODELS_DIR / str(spec)
     if (path / "manifest.json").exists():
         from carp_policy.engine import OnnxPolicy
 
-        return OnnxPolicy(path, device=device)
-    if (path / "config.yaml").exists():
-        return load_torch_policy(path, device=device)
-    raise FileNotFoundError(
-        f"no policy at {spec!r}: expected an exported model dir (manifest.json), a carp-train run dir "
-        f"(config.yaml), or a released model name under {MODELS_DIR}"
-    )
+        policy = OnnxPolicy(path, device=device)
+    elif (path / "config.yaml").exists():
+        policy = load_torch_policy(path, device=device)
+    else:
+        raise FileNotFoundError(
+            f"no policy at {spec!r}: expected an exported model dir (manifest.json), a carp-train run dir "
+            f"(config.yaml), or a released model name under {MODELS_DIR}"
+        )
+    ensemble = ensemble_config(path, ensemble)
+    return ShiftEnsemble(policy, ensemble) if ensemble.grid > 1 else policy

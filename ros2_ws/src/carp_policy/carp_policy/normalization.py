@@ -74,6 +74,10 @@ class Normalizer:
         # positions of the scene in the state and the TCP axis of each (see env_position_dims): the
         # frame change runs on every inference and training batch, so they are found once
         self.env_dims, self.env_axes = env_position_dims(self.state_names)
+        # what a shift of the whole scene in x, y moves (training augmentation, test-time ensemble):
+        # the TCP's x, y and the scene's x, y positions, with the shift component each takes
+        xy = [(d, a) for d, a in zip(self.env_dims, self.env_axes) if a < 2]
+        self.shift_dims, self.shift_axes = [0, 1, *(d for d, _ in xy)], [0, 1, *(a for _, a in xy)]
         if self.frame not in FRAMES:
             raise ValueError(f"frame must be one of {FRAMES}, got {self.frame!r}")
         if self.frame == "relative" and self.state_names and self.state_names[:3] != ["x", "y", "z"]:

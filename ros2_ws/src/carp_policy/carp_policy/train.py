@@ -96,10 +96,6 @@ class BatchNormalizer:
 
     def __init__(self, normalizer: Normalizer, device: torch.device, shift: float = 0.0) -> None:
         self.device, self.normalizer, self.shift = device, normalizer, shift
-        xy = [(d, a) for d, a in zip(normalizer.env_dims, normalizer.env_axes) if a < 2]
-        # state dims moved by a shift in x, y and the shift component each takes: TCP x, y, then the scene's
-        self._shift_dims = [0, 1, *(d for d, _ in xy)]
-        self._shift_axes = [0, 1, *(a for _, a in xy)]
         s, o = normalizer.torch_params("state")
         self.s_scale, self.s_off = torch.from_numpy(s).to(device), torch.from_numpy(o).to(device)
         a, b = normalizer.torch_params("action")
@@ -114,7 +110,7 @@ class BatchNormalizer:
         if augment and self.shift > 0:
             d = (torch.rand(raw.shape[0], 1, 2, device=self.device) * 2 - 1) * self.shift  # (B, 1, 2)
             raw, action = raw.clone(), action.clone()
-            raw[..., self._shift_dims] += d[..., self._shift_axes]
+            raw[..., nz.shift_dims] += d[..., nz.shift_axes]
             action[..., :2] += d
         state = (nz.state_to_frame(raw) - self.s_off) / self.s_scale
         action = nz.actions_to_frame(action, raw[:, -1])

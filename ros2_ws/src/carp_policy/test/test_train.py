@@ -132,6 +132,7 @@ def test_relative_frame_run(tmp_path):
     run = tmp_path / "run"
     cfg = _config(tmp_path, "state_env")
     args = ["--config", str(cfg), "--dataset", "synthetic:4", "--out", str(run), "--set", "frame=relative"]
+    args += ["--set", "ensemble.grid=1"]  # a shift moves nothing in the relative frame (refused otherwise)
     r = _train(*args, "--tokenizer-steps", "10", "--policy-steps", "5")
     assert r.returncode == 0, r.stderr[-3000:]
     assert CarpConfig.load(run / "config.yaml").frame == "relative"
@@ -239,3 +240,80 @@ def test_shift_augment_is_refused_where_it_would_be_wrong():
             load_config(name, ["train.shift_augment=0.02"])
     with pytest.raises(ValueError, match=">= 0"):
         load_config("state_env", ["train.shift_augment=-0.01"])
+
+
+def test_shift_ensemble_config_is_checked_against_the_training():
+    from carp_policy.config import EnsembleConfig
+    from carp_policy.train import load_config
+
+    ens = load_config("state_env").ensemble  # the released models' setting
+    assert (ens.grid, ens.radius) == (3, 0.02)
+    offsets = np.array(ens.offsets())
+    assert offsets.shape == (9, 2) and [0.0, 0.0] in offsets.tolist()
+    np.testing.assert_allclose(offsets.mean(0), 0.0, atol=1e-12)  # symmetric: no net shift
+    assert np.abs(offsets).max() == pytest.approx(0.02)
+    assert EnsembleConfig().offsets() == [(0.0, 0.0)]  # off: one inference, unshifted
+    with pytest.raises(ValueError, match=r"exceeds train\.shift_augment"):
+        load_config("state_env", ["ensemble.radius=0.04"])
+    with pytest.raises(ValueError, match=r"exceeds train\.shift_augment"):  # trained without shifts
+        load_config("state", ["ensemble.grid=3", "ensemble.radius=0.01"])
+    with pytest.raises(ValueError, match="frame: absolute"):
+        load_config("state_env", ["frame=relative"])
+    with pytest.raises(ValueError, match="radius > 0"):
+        load_config("state_env", ["ensemble.radius=0.0"])
+
+
+def test_shift_ensemble_undoes_the_shift_for_an_equivariant_policy():
+    """A policy that depends on where things are relative to each other (here: reach the object,
+    then carry to the target, at a distance-dependent pace) answers every shifted copy with the
+    shifted chunk, so the ensemble returns its chunk unchanged. Checks the sign of each shift and
+    that TCP, object and target all move; z, rotations and the gripper pass through."""
+    from carp_policy.actions import ActionChunk, matrix_to_rot6d
+    from carp_policy.config import EnsembleConfig
+    from carp_policy.factory import ShiftEnsemble
+    from carp_policy.normalization import Normalizer
+
+    names = ["x", "y", "z", *(f"r6d_{i}" for i in range(6)), "gripper", "object_x", "object_y", "object_z",
+             "object_up_x", "object_up_y", "object_up_z", "target_x", "target_y"]  # fmt: skip
+
+    class ReachThenCarry:
+        obs_horizon, cameras = 2, ()
+        normalizer = Normalizer(-np.ones(18), np.ones(18), -np.ones(10), np.ones(10), names)
+
+        def reset(self) -> None:
+            pass
+
+        def predict(self, obs: Observation) -> ActionChunk:
+            tcp, env = obs.state[-1], obs.env_state[-1]
+            obj, target = env[0:2], env[6:8]
+            pace = np.tanh(np.linalg.norm(obj - tcp[:2]) * 5)  # a nonlinear function of an offset
+            s = np.linspace(0, 1, 16)[:, None] ** (1 + pace)
+            xy = np.where(s < 0.5, tcp[:2] + 2 * s * (obj - tcp[:2]), obj + (2 * s - 1) * (target - obj))
+            out = np.tile(tcp, (16, 1))
+            out[:, :2] = xy
+            out[:, 2] = tcp[2] - 0.1 * s[:, 0] + env[2]
+            return ActionChunk(out, timestamp=obs.timestamp)
+
+    rot = matrix_to_rot6d(np.diag([1.0, -1.0, -1.0]))
+    tcp = np.r_[-0.45, 0.1, 0.3, rot, 0.08]
+    env = np.r_[-0.5, -0.05, 0.0, 0.0, 0.0, 1.0, -0.4, 0.2]
+    obs = Observation(state=np.stack([tcp, tcp]), env_state=np.stack([env, env]), timestamp=1.5)
+    base = ReachThenCarry()
+    ens = ShiftEnsemble(base, EnsembleConfig(grid=3, radius=0.02))
+    want, got = base.predict(obs), ens.predict(obs)
+    np.testing.assert_allclose(got.actions, want.actions, atol=1e-12)
+    assert got.timestamp == 1.5
+    # a policy that reads the object's absolute position nonlinearly is not equivariant: the
+    # ensemble then returns the average over the grid, here exactly 10 * mean(d**2) further out
+    absolute = ReachThenCarry()
+    absolute.predict = (
+        lambda o: ActionChunk(  # type: ignore[method-assign]
+            np.tile(np.r_[o.state[-1, :2] + 10 * o.env_state[-1, :2] ** 2, o.state[-1, 2:]], (16, 1))
+        )
+    )
+    averaged = ShiftEnsemble(absolute, EnsembleConfig(grid=3, radius=0.02)).predict(obs).actions
+    np.testing.assert_allclose(averaged[:, :2] - absolute.predict(obs).actions[:, :2], 10 * 0.02**2 * 2 / 3)
+    with pytest.raises(ValueError, match="state policy"):
+        visual = ReachThenCarry()
+        visual.cameras = ("wrist",)
+        ShiftEnsemble(visual, EnsembleConfig(grid=3, radius=0.02))
