@@ -150,3 +150,11 @@ def test_collect_train_export_evaluate_end_to_end(demos: Path, tmp_path: Path, c
     # the CARP config's shift ensemble travels in the manifest and runs in carp-eval (3 x 3 copies)
     want = {"grid": 3, "radius": 0.02} if family == "carp" else {"grid": 1, "radius": 0.0}
     assert manifest["config"]["ensemble"] == want and summary["ensemble"] == want
+    if family == "carp":  # the command line overrides it: off, or refused beyond the trained shifts
+        _run("carp-eval", "--policy", str(model), "--trials", "1", "--videos", "0", "--out", str(out),
+             "--ensemble-grid", "1")  # fmt: skip
+        assert json.loads((out / "results.json").read_text())["ensemble"] == {"grid": 1, "radius": 0.0}
+        cmd = [str(BIN / "carp-eval"), "--policy", str(model), "--out", str(out), "--ensemble-grid", "3",
+               "--ensemble-radius", "0.05"]  # fmt: skip
+        res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and "exceeds train.shift_augment" in res.stderr
