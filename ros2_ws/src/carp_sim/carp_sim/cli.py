@@ -22,6 +22,26 @@ TASK_TEXT = {
 }
 
 
+def _refuse_recorded_seeds(out: Path, seed: int, attempts: int) -> None:
+    """The writer appends to an existing dataset (more demonstrations in a later session). Seeds
+    it already holds would be recorded again, identically: twins that leak across the episode
+    split of training and weigh some layouts double. Refuse them, naming the next free seed."""
+    from carp_policy.dataset import EpisodeDataset
+    from carp_policy.dataset.format import INFO_PATH
+
+    if not (out / INFO_PATH).exists():
+        return
+    ds = EpisodeDataset(out)
+    recorded = {ds.metadata(i).get("seed") for i in range(len(ds))} - {None}
+    clash = sorted(recorded & set(range(seed, seed + attempts)))
+    if clash:
+        raise ValueError(
+            f"{out} already holds {len(ds)} episodes, among them seeds {clash[0]}..{clash[-1]} of the "
+            f"{seed}..{seed + attempts - 1} this run may use: they would be recorded twice. Use another "
+            f"--out, or append new layouts with --seed {max(recorded) + 1}"
+        )
+
+
 def collect(
     task: str,
     episodes: int,
@@ -49,6 +69,7 @@ def collect(
     if episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {episodes}")
     max_attempts = max_attempts or 2 * episodes
+    _refuse_recorded_seeds(Path(out), seed, max_attempts)
     env = SimCell(task, SimConfig(image_size=image_size))
     cams = {c: tuple(image_size) for c in env.config.cameras}
     writer = DatasetWriter(

@@ -276,3 +276,11 @@ def test_collect_cli_writes_a_valid_dataset(tmp_path):
     # Data convention: action t is the target the next measured state reaches (servo tracking).
     err = np.linalg.norm(ep.action[:-1, :3] - ep.state[1:, :3], axis=1)
     assert np.median(err) < 2e-3, np.median(err)
+    # the same seeds again would record identical twins: refused, naming the next free seed
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--seed 1" in r.stderr and "recorded twice" in r.stderr, r.stderr[-2000:]
+    assert len(EpisodeDataset(out)) == 1
+    r = subprocess.run([*cmd[:-5], "--seed", "1", *cmd[-3:]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ds = EpisodeDataset(out)
+    assert [ds.metadata(i)["seed"] for i in range(len(ds))] == [0, 1]  # appended: a new layout

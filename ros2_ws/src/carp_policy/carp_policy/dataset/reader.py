@@ -176,6 +176,11 @@ class EpisodeDataset:
         """Total frames over all episodes."""
         return sum(len(v["state"]) for v in self._vectors)
 
+    def metadata(self, i: int) -> dict:
+        """Episode ``i``'s metadata (operator, seed, ...) without loading its frames."""
+        row = self._rows[i]
+        return json.loads(row["metadata"]) if row.get("metadata") else {}
+
     def episode(self, i: int) -> Episode:
         """Episode ``i`` (0-based position in the dataset) with its images decoded (once)."""
         if not 0 <= i < len(self):
@@ -187,7 +192,7 @@ class EpisodeDataset:
             index=int(row["episode_index"]),
             task=v["task"],
             success=bool(row.get("success", True)),
-            metadata=json.loads(row["metadata"]) if row.get("metadata") else {},
+            metadata=self.metadata(i),
             timestamps=v["timestamps"],
             state=v["state"],
             action=v["action"],
