@@ -140,6 +140,8 @@ class OnnxPolicy:
         self.spec: dict[str, Any] = m["observation"]
         self.obs_horizon: int = int(self.spec["obs_horizon"])
         self.cameras: tuple[str, ...] = tuple(self.spec["cameras"])
+        # rows of every graph (static): 1, or a shift ensemble's copies run in one pass (predict_batch)
+        self.batch: int = int(m.get("batch", 1))
         self.normalizer = Normalizer.from_stats(m["normalization"])
         self._state_scale, self._state_offset = self.normalizer.torch_params("state")
         self.device = device
@@ -218,10 +220,11 @@ class OnnxPolicy:
     def _check_obs_spec(self, g: dict[str, Any]) -> None:
         """The first graph's inputs must be exactly what the observation spec says the node feeds."""
         O, S = self.obs_horizon, int(self.spec["state_dim"]) + int(self.spec.get("env_state_dim", 0))
-        want = {"state": {"shape": [1, O, S], "dtype": "float32"}}
+        B = self.batch
+        want = {"state": {"shape": [B, O, S], "dtype": "float32"}}
         for cam in self.cameras:
             H, W = self.spec["image_size"]
-            want[f"image_{cam}"] = {"shape": [1, O, H, W, 3], "dtype": "uint8"}
+            want[f"image_{cam}"] = {"shape": [B, O, H, W, 3], "dtype": "uint8"}
         if g["inputs"] != want:
             raise ModelDirError(
                 f"{g['file']}: graph inputs {g['inputs']} do not match the manifest's observation spec {want}"
@@ -270,7 +273,7 @@ class OnnxPolicy:
         S, E = int(self.spec["state_dim"]), int(self.spec.get("env_state_dim", 0))
         obs = Observation(state=mid[:, :S], images=images, env_state=mid[:, S:] if E else None)
         for _ in range(runs):
-            self._run(obs)
+            self._run([obs])
         self.reset()
 
     def predict(self, observation: Observation, noise: np.ndarray | None = None) -> ActionChunk:
@@ -280,20 +283,32 @@ class OnnxPolicy:
         Raises ValueError for a malformed observation and for a non-finite output (the chunk is refused).
         """
         t0 = time.perf_counter()
-        actions = self._run(observation, noise)  # (H, D) normalised float32
-        return self._finish(actions, observation.timestamp, t0)
+        actions = self._run([observation], noise)  # (B, H, D) normalised float32
+        return self._finish(actions[0], observation.timestamp, t0, self._state_now[0])
+
+    def predict_batch(self, observations: list[Observation]) -> list[ActionChunk]:
+        """Up to ``batch`` observations in one pass of the graphs -> one chunk each (CARP).
+
+        Every chunk's ``latency_s`` is the time of the whole pass."""
+        if not 1 <= len(observations) <= self.batch:
+            raise ValueError(f"predict_batch takes 1..{self.batch} observations, got {len(observations)}")
+        t0 = time.perf_counter()
+        actions = self._run(observations)
+        return [
+            self._finish(actions[i], o.timestamp, t0, self._state_now[i]) for i, o in enumerate(observations)
+        ]
 
     def predict_with_tokens(self, observation: Observation) -> tuple[ActionChunk, list[np.ndarray]]:
         """CARP only: the chunk and the K greedy token maps (1, D, k) (copied to the host; for checks)."""
         if self.family != "carp":
             raise ValueError("predict_with_tokens is for CARP models")
         t0 = time.perf_counter()
-        actions = self._run(observation)
-        tokens = [outs["tokens"].numpy() for outs in self._outputs[:-1]]
-        return self._finish(actions, observation.timestamp, t0), tokens
+        actions = self._run([observation])
+        tokens = [outs["tokens"].numpy()[:1] for outs in self._outputs[:-1]]
+        return self._finish(actions[0], observation.timestamp, t0, self._state_now[0]), tokens
 
     # ------------------------------------------------------------------ internals
-    def _finish(self, actions: np.ndarray, timestamp: float, t0: float) -> ActionChunk:
+    def _finish(self, actions: np.ndarray, timestamp: float, t0: float, state_now: np.ndarray) -> ActionChunk:
         if not np.all(np.isfinite(actions)):
             t, d = np.argwhere(~np.isfinite(actions))[0]
             raise ValueError(
@@ -301,27 +316,34 @@ class OnnxPolicy:
                 f"dim {ACTION_NAMES[d]}: chunk refused"
             )
         actions = self.normalizer.unnormalize_action(actions)
-        actions = self.normalizer.actions_from_frame(actions, self._state_now)
+        actions = self.normalizer.actions_from_frame(actions, state_now)
         actions[:, ROT6D] = matrix_to_rot6d(rot6d_to_matrix(actions[:, ROT6D]))
         return ActionChunk(actions=actions, timestamp=timestamp, latency_s=time.perf_counter() - t0)
 
-    def _feed(self, obs: Observation) -> None:
-        """Validate one observation and copy it (normalised state, uint8 images) into the input buffers."""
-        state, images = validate_observation(
-            obs,
-            self.obs_horizon,
-            int(self.spec["state_dim"]),
-            self.cameras,
-            self.spec.get("image_size"),
-            int(self.spec.get("env_state_dim", 0)),
-        )
-        self._state_now = state[-1]  # a relative chunk is an offset from this TCP position
+    def _feed(self, observations: list[Observation]) -> None:
+        """Validate the observations and copy them (normalised state, uint8 images) into the input
+        buffers, one per row; rows past the last observation repeat it (their output is unused)."""
+        rows = [
+            validate_observation(
+                obs,
+                self.obs_horizon,
+                int(self.spec["state_dim"]),
+                self.cameras,
+                self.spec.get("image_size"),
+                int(self.spec.get("env_state_dim", 0)),
+            )
+            for obs in observations
+        ]
+        rows += [rows[-1]] * (self.batch - len(rows))
+        state = np.stack([r[0] for r in rows])  # (B, O, S + E)
+        self._state_now = state[:, -1]  # (B, S + E): a relative chunk is an offset from this TCP position
         # the same float32 arithmetic as the torch policies, so both see bit-identical inputs
         state = self.normalizer.state_to_frame(state).astype(np.float32)
         norm = (state - self._state_offset) / self._state_scale
-        self._inputs["state"].update_inplace(np.ascontiguousarray(norm[None], dtype=np.float32))
-        for cam, img in images.items():
-            self._inputs[f"image_{cam}"].update_inplace(np.ascontiguousarray(img[None]))
+        self._inputs["state"].update_inplace(np.ascontiguousarray(norm, dtype=np.float32))
+        for cam in self.cameras:
+            img = np.stack([r[1][cam] for r in rows])
+            self._inputs[f"image_{cam}"].update_inplace(np.ascontiguousarray(img))
 
     def _run_graph(self, i: int) -> None:
         t0 = time.perf_counter()
@@ -329,14 +351,15 @@ class OnnxPolicy:
         self.sessions[i].run_with_iobinding(self._bindings[i])
         self.last_stage_times[i] += time.perf_counter() - t0
 
-    def _run(self, obs: Observation, noise: np.ndarray | None = None) -> np.ndarray:
-        self._feed(obs)
+    def _run(self, observations: list[Observation], noise: np.ndarray | None = None) -> np.ndarray:
+        """-> (B, H, D) normalised actions, row i for observation i."""
+        self._feed(observations)
         self.last_stage_times = [0.0] * len(self.sessions)
         if self.family == "carp":
             for i in range(len(self.sessions)):
                 self._run_graph(i)
-            return self._outputs[-1]["actions"].numpy()[0]  # (H, D), the only device -> host copy
-        return self._denoise(noise)
+            return self._outputs[-1]["actions"].numpy()  # (B, H, D), the only device -> host copy
+        return self._denoise(noise)[None]
 
     def _denoise(self, noise: np.ndarray | None) -> np.ndarray:
         """DP-C: encoder once, then the denoising graph in a loop with the numpy scheduler update."""

@@ -3,7 +3,9 @@
 A model directory holds the graphs, ``manifest.json`` and nothing else; ``carp_policy.engine.OnnxPolicy``
 runs it with onnxruntime (no torch needed on the robot PC).
 
-CARP (K scales, 4 by default) becomes K + 1 graphs with fully static shapes (batch 1):
+CARP (K scales, 4 by default) becomes K + 1 graphs with fully static shapes. The batch is 1, or the
+config's shift-ensemble size (``ensemble.grid`` squared), so the engine runs the shifted copies of
+one observation in one pass (``OnnxPolicy.predict_batch``) instead of one pass each:
 
     carp_obs.onnx      state, image_<cam>           -> cond, tokens, f_hat_out, x_next, present_k/v
                        (observation encoder + scale 1: start tokens, K/V of scale 1, greedy argmax,
@@ -240,21 +242,22 @@ def _random_observation(
     return Observation(state=full[:, :S], images=images, timestamp=0.0, env_state=env)
 
 
-def _example_inputs(spec: dict[str, Any]) -> tuple[list[torch.Tensor], list[str]]:
+def _example_inputs(spec: dict[str, Any], batch: int = 1) -> tuple[list[torch.Tensor], list[str]]:
     O, S = spec["obs_horizon"], spec["state_dim"] + spec.get("env_state_dim", 0)
-    args, names = [torch.zeros(1, O, S)], ["state"]
+    args, names = [torch.zeros(batch, O, S)], ["state"]
     for cam in spec["cameras"]:
         H, W = spec["image_size"]
-        args.append(torch.zeros(1, O, H, W, 3, dtype=torch.uint8))
+        args.append(torch.zeros(batch, O, H, W, 3, dtype=torch.uint8))
         names.append(f"image_{cam}")
     return args, names
 
 
 # ----------------------------------------------------------------------------- CARP
 def _export_carp_graphs(
-    model: CarpModel, spec: dict[str, Any], out: Path, half: bool, suffix: str
+    model: CarpModel, spec: dict[str, Any], out: Path, half: bool, suffix: str, batch: int = 1
 ) -> list[dict]:
-    """Write the K + 1 CARP graphs into ``out``; return their manifest entries in run order."""
+    """Write the K encoder/scale graphs into ``out`` (static batch ``batch``); return their manifest
+    entries in run order."""
     tok, gpt = model.tokenizer, model.gpt
     D, C, L, K = tok.D, tok.C, tok.L, len(tok.scales)
     cams = tuple(spec["cameras"])
@@ -272,7 +275,8 @@ def _export_carp_graphs(
             for head in enc.heads.values():
                 head.register_forward_pre_hook(lambda _m, a: tuple(x.float() for x in a))
     entries = []
-    obs_args, obs_names = _example_inputs(spec)
+    obs_args, obs_names = _example_inputs(spec, batch)
+    B = batch
     kv = ["present_k", "present_v"]
     nxt = ["x_next"] if K > 1 else []
     entries.append(
@@ -290,11 +294,11 @@ def _export_carp_graphs(
     for si in range(1, K):
         t_past = D * sum(tok.scales[:si])
         args = (
-            torch.zeros(1, model.encoder.cfg.out_dim),
-            torch.zeros(1, D * tok.scales[si], C),
-            torch.zeros(1, D * C, L),
-            torch.zeros(c.depth, 1, c.heads, t_past, hd),
-            torch.zeros(c.depth, 1, c.heads, t_past, hd),
+            torch.zeros(B, model.encoder.cfg.out_dim),
+            torch.zeros(B, D * tok.scales[si], C),
+            torch.zeros(B, D * C, L),
+            torch.zeros(c.depth, B, c.heads, t_past, hd),
+            torch.zeros(c.depth, B, c.heads, t_past, hd),
         )
         names = ["tokens", "f_hat_out"] + (["x_next"] if si + 1 < K else []) + kv
         entries.append(
@@ -310,11 +314,11 @@ def _export_carp_graphs(
     return entries
 
 
-def _export_carp_decoder(model: CarpModel, out: Path) -> dict:
+def _export_carp_decoder(model: CarpModel, out: Path, batch: int = 1) -> dict:
     tok = model.tokenizer
     e = _export_graph(
         _CarpDecoderGraph(model),
-        (torch.zeros(1, tok.D * tok.C, tok.L),),
+        (torch.zeros(batch, tok.D * tok.C, tok.L),),
         ["f_hat"],
         ["actions"],
         out / "carp_decoder.onnx",
@@ -379,8 +383,13 @@ def export_policy(
     seed: int = 0,
     source: str = "",
     verbose: bool = True,
+    batch: int | None = None,
 ) -> dict[str, Any]:
     """Export a torch policy (CarpPolicy or DiffusionPolicy) into ``out_dir``; return the manifest.
+
+    batch: the graphs' static batch (CARP only). Default: the config's shift-ensemble size
+    (``ensemble.grid`` squared), so the engine runs the whole ensemble in one pass of the graphs;
+    a single observation then fills every row (``OnnxPolicy.predict``).
 
     fp32 graphs always; with ``fp16`` the CARP encoder/scale graphs are also exported in half
     precision and kept only if they give the same tokens as fp32 on ``parity_samples`` random
@@ -395,12 +404,19 @@ def export_policy(
     log = print if verbose else (lambda *a, **k: None)
     is_carp = isinstance(policy, CarpPolicy)
     cfg = policy.config
+    if batch is None:
+        batch = cfg.ensemble.grid**2 if is_carp else 1
+    if batch < 1 or (batch > 1 and not is_carp):
+        raise ValueError(f"batch must be >= 1, and 1 for DP-C (one noise sample per chunk); got {batch}")
     spec = observation_spec(cfg.encoder, policy.normalizer.state_names)
     t0 = time.perf_counter()
     with torch.no_grad():
         if is_carp:
             model = policy.model.float().cpu().eval()
-            graphs = [*_export_carp_graphs(model, spec, out, False, ""), _export_carp_decoder(model, out)]
+            graphs = [
+                *_export_carp_graphs(model, spec, out, False, "", batch),
+                _export_carp_decoder(model, out, batch),
+            ]
             family, scheduler = "carp", None
             normalizer = policy.normalizer
         else:
@@ -408,11 +424,12 @@ def export_policy(
             graphs = _export_dpc_graphs(policy, spec, out)
             family, scheduler = "diffusion", _scheduler_spec(policy)
             normalizer = policy.normalizer
-    log(f"exported {len(graphs)} fp32 graphs in {time.perf_counter() - t0:.1f} s")
+    log(f"exported {len(graphs)} fp32 graphs (batch {batch}) in {time.perf_counter() - t0:.1f} s")
     manifest: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "family": family,
         "name": cfg.name,
+        "batch": batch,  # rows of every graph: a shift ensemble's copies run in one pass
         "config": cfg.to_dict(),
         "observation": spec,
         "action": {
@@ -479,8 +496,13 @@ def check_parity(policy: Any, model_dir: Path, samples: int, seed: int) -> dict[
             ref = _torch_dpc_ddim(policy, obs, noise)
             got = engine.predict(obs, noise=noise[0].numpy()).actions
         max_diff = max(max_diff, float(np.abs(ref - got).max()))
+    if engine.batch > 1:  # every row of a batched pass, each against the torch policy alone
+        batch = [_random_observation(engine.spec, policy.normalizer, rng) for _ in range(engine.batch)]
+        for obs, chunk in zip(batch, engine.predict_batch(batch)):
+            max_diff = max(max_diff, float(np.abs(policy.predict(obs).actions - chunk.actions).max()))
     return {
         "samples": samples,
+        "batch": engine.batch,
         "max_abs_action_diff": max_diff,
         "tokens_equal": bool(tokens_equal) if isinstance(policy, CarpPolicy) else None,
         "tolerance": PARITY_TOL,
@@ -536,7 +558,7 @@ def _try_fp16(
 
     spec = manifest["observation"]
     try:
-        entries = _export_carp_graphs(policy.model, spec, out, True, "_fp16")
+        entries = _export_carp_graphs(policy.model, spec, out, True, "_fp16", manifest["batch"])
     except Exception as e:  # e.g. a torch build without some half kernel: fp32 stays, and we say why
         return {"used": False, "reason": f"fp16 export failed: {type(e).__name__}: {e}"[:300]}
     for e in entries:

@@ -445,3 +445,42 @@ def test_nan_output_is_refused(tmp_path):
     obs = Observation(state=np.tile((LO + HI) / 2, (2, 1)))
     with pytest.raises(ValueError, match=r"not finite \(NaN/inf\) at step 0, dim x: chunk refused"):
         engine.predict(obs)
+
+
+def test_batched_export_runs_the_shift_ensemble_in_one_pass(tmp_path):
+    """A CARP policy with a 3 x 3 shift ensemble exports its graphs at batch 9: each row of one pass
+    matches the torch policy, a lone observation gives the batch-1 export's chunk, and the ensemble
+    over the batched engine equals the ensemble run one copy at a time."""
+    from carp_policy.config import EnsembleConfig
+    from carp_policy.factory import ShiftEnsemble
+
+    cfg = _carp_cfg("state")
+    cfg.encoder.env_state_dim, cfg.train.shift_augment = 3, 0.03
+    cfg.ensemble = EnsembleConfig(grid=3, radius=0.02)
+    names = ["x", "y", "z", *(f"r6d_{i}" for i in range(6)), "gripper", "object_x", "object_y", "object_z"]
+    env_lo, env_hi = np.array([0.3, -0.3, 0.0]), np.array([0.6, 0.3, 0.1])
+    norm = Normalizer(np.r_[LO, env_lo], np.r_[HI, env_hi], LO, HI, state_names=names)
+    torch.manual_seed(4)
+    policy = CarpPolicy(cfg, None, norm)
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+    manifest = export_policy(policy, tmp_path / "b9", parity_samples=2, verbose=False)
+    assert manifest["batch"] == 9 and manifest["parity"]["passed"] and manifest["parity"]["batch"] == 9
+    assert manifest["graphs"][0]["inputs"]["state"]["shape"] == [9, 2, 13]
+    export_policy(policy, tmp_path / "b1", parity_samples=1, verbose=False, batch=1)
+    b9, b1 = OnnxPolicy(tmp_path / "b9", intra_op_threads=1), OnnxPolicy(tmp_path / "b1", intra_op_threads=1)
+    assert (b9.batch, b1.batch) == (9, 1)
+    rng = np.random.default_rng(7)
+    obs = [_random_observation(b9.spec, norm, rng) for _ in range(3)]
+    for o, chunk in zip(obs, b9.predict_batch(obs)):  # a part-filled batch: the other rows are unused
+        np.testing.assert_allclose(chunk.actions, b1.predict(o).actions, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(b9.predict(obs[0]).actions, b1.predict(obs[0]).actions, atol=1e-5, rtol=0)
+    one_pass = ShiftEnsemble(b9, cfg.ensemble).predict(obs[1]).actions
+    one_by_one = ShiftEnsemble(b1, cfg.ensemble).predict(obs[1]).actions
+    np.testing.assert_allclose(one_pass, one_by_one, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"1\.\.9 observations"):
+        b9.predict_batch(obs * 4)
+    with pytest.raises(ValueError, match="1 for DP-C"):
+        export_policy(_dpc_policy(), tmp_path / "dpc", verbose=False, batch=9)
