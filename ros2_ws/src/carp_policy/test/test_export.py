@@ -62,13 +62,18 @@ def _carp_cfg(kind: str) -> CarpConfig:
     )
 
 
+def _wake(params) -> None:
+    """adaLN gates start at zero: give every all-zero tensor weight so every block matters."""
+    with torch.no_grad():
+        for p in params:
+            if p.abs().sum() == 0:
+                p.normal_(std=0.05)
+
+
 def _carp_policy(kind: str, seed: int = 0) -> CarpPolicy:
     torch.manual_seed(seed)
     policy = CarpPolicy(_carp_cfg(kind), None, Normalizer(LO, HI, LO, HI))
-    with torch.no_grad():  # adaLN gates start at zero: give them weight so every block matters
-        for p in policy.model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.05)
+    _wake(policy.model.parameters())
     return policy
 
 
@@ -352,10 +357,7 @@ def test_environment_state_policy_exports_and_checks_env_state(tmp_path):
     norm = Normalizer(np.r_[LO, env_lo], np.r_[HI, env_hi], LO, HI, state_names=names)
     torch.manual_seed(1)
     policy = CarpPolicy(cfg, None, norm)
-    with torch.no_grad():
-        for p in policy.model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.05)
+    _wake(policy.model.parameters())
     manifest = export_policy(policy, tmp_path, parity_samples=4, verbose=False)
     spec = manifest["observation"]
     assert spec["state_dim"] == 10 and spec["env_state_dim"] == 3
@@ -405,10 +407,7 @@ def test_relative_frame_policy_exports_with_parity(family, tmp_path):
         policy.config.encoder.env_state_dim, policy.config.frame = 2, "relative"
         policy = type(policy)(policy.config, norm).eval()
         params = policy.parameters()
-    with torch.no_grad():
-        for p in params:
-            if p.abs().sum() == 0:
-                p.normal_(std=0.05)
+    _wake(params)
     manifest = export_policy(policy, tmp_path, parity_samples=2, verbose=False)
     assert manifest["normalization"]["frame"] == "relative"
     engine = OnnxPolicy(tmp_path, intra_op_threads=1)
@@ -462,10 +461,7 @@ def test_batched_export_runs_the_shift_ensemble_in_one_pass(tmp_path):
     norm = Normalizer(np.r_[LO, env_lo], np.r_[HI, env_hi], LO, HI, state_names=names)
     torch.manual_seed(4)
     policy = CarpPolicy(cfg, None, norm)
-    with torch.no_grad():
-        for p in policy.model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.05)
+    _wake(policy.model.parameters())
     manifest = export_policy(policy, tmp_path / "b9", parity_samples=2, verbose=False)
     assert manifest["batch"] == 9 and manifest["parity"]["passed"] and manifest["parity"]["batch"] == 9
     assert manifest["graphs"][0]["inputs"]["state"]["shape"] == [9, 2, 13]
