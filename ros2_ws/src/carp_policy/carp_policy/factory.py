@@ -5,7 +5,7 @@ Accepted specs, checked in this order:
 - a ``carp-train`` run directory (``config.yaml``: the torch policy of its family);
 - a released model name, looked up under the repository's ``models/`` (e.g. ``cup``).
 
-The model's ``ensemble`` setting (config.yaml, or the config in the manifest) wraps the policy in a
+The model's ``ensemble`` setting (its config.yaml, or the config in its manifest) wraps the policy in a
 :class:`ShiftEnsemble`; ``load_policy(..., ensemble=EnsembleConfig())`` overrides it (off).
 """
 
@@ -62,7 +62,6 @@ class ShiftEnsemble:
         self.obs_horizon: int = policy.obs_horizon
         self.cameras: tuple[str, ...] = tuple(policy.cameras)
         self.offsets = np.asarray(config.offsets(), dtype=np.float64)  # (K, 2) metres
-        self._dims, self._axes = np.asarray(nz.shift_dims), np.asarray(nz.shift_axes)
 
     def reset(self) -> None:
         self.policy.reset()
@@ -78,8 +77,7 @@ class ShiftEnsemble:
         full = state if env is None else np.concatenate([state, env], axis=1)  # (O, S + E)
         shifted = []
         for d in self.offsets:
-            x = full.copy()
-            x[:, self._dims] += d[self._axes]
+            x = self.policy.normalizer.shift_xy(full, d)
             e = None if env is None else x[:, S:]
             shifted.append(
                 Observation(state=x[:, :S], images=obs.images, timestamp=obs.timestamp, env_state=e)
@@ -96,18 +94,10 @@ class ShiftEnsemble:
         return ActionChunk(out, timestamp=observation.timestamp, latency_s=time.perf_counter() - t0)
 
 
-def ensemble_config(path: Path, override: EnsembleConfig | None = None) -> EnsembleConfig:
-    """The shift ensemble for a model dir (its manifest's config) or a run dir (config.yaml): the
-    model's ``ensemble`` section (off if it has none), or ``override``, checked against what the
-    model was trained with (``config.check_data_options``)."""
-    import json
-
-    import yaml
-
-    if (path / "manifest.json").exists():
-        cfg = json.loads((path / "manifest.json").read_text()).get("config") or {}
-    else:
-        cfg = yaml.safe_load((path / "config.yaml").read_text()) or {}
+def ensemble_config(cfg: dict[str, Any], override: EnsembleConfig | None = None) -> EnsembleConfig:
+    """The shift ensemble for a model whose config (as a dict) is ``cfg``: its ``ensemble`` section
+    (off if it has none), or ``override``, checked against what the model was trained with
+    (``config.check_data_options``)."""
     ens = EnsembleConfig(**(cfg.get("ensemble") or {})) if override is None else override
     train = _build(TrainConfig, cfg.get("train") or {}, "train")
     encoder = _build(EncoderConfig, cfg.get("encoder") or {}, "encoder")
@@ -133,5 +123,7 @@ def load_policy(spec: str | Path, device: str = "cpu", ensemble: EnsembleConfig 
             f"no policy at {spec!r}: expected an exported model dir (manifest.json), a carp-train run dir "
             f"(config.yaml), or a released model name under {MODELS_DIR}"
         )
-    ensemble = ensemble_config(path, ensemble)
+    # the config the model was loaded with: the manifest's for an engine, the dataclass for torch
+    cfg = policy.manifest["config"] if hasattr(policy, "manifest") else policy.config.to_dict()
+    ensemble = ensemble_config(cfg, ensemble)
     return ShiftEnsemble(policy, ensemble) if ensemble.grid > 1 else policy

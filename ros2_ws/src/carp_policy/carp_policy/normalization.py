@@ -129,6 +129,14 @@ class Normalizer:
         s, a = np.concatenate(states), np.concatenate(actions)
         return cls(s.min(0), s.max(0), a.min(0), a.max(0), list(state_names), frame)
 
+    def shift_xy(self, state: Any, d: Any) -> Any:
+        """(..., S) physical state (NumPy or torch) with the whole scene moved by ``d`` (..., 2) metres
+        in x, y: the TCP's and every scene position's x, y (a copy). The translation augmentation and
+        the test-time shift ensemble both move the scene through here; the chunk's x, y move by d."""
+        y = _copy(state)
+        y[..., self.shift_dims] += d[..., self.shift_axes]
+        return y
+
     # ------------------------------------------------------------------ frame
     def state_to_frame(self, x: Any) -> Any:
         """(..., S) physical state (NumPy or torch) -> the policy's frame (a copy where it changes)."""

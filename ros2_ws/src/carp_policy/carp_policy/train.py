@@ -109,8 +109,7 @@ class BatchNormalizer:
         action = batch["action"].to(self.device).float()  # (B, H, D)
         if augment and self.shift > 0:
             d = (torch.rand(raw.shape[0], 1, 2, device=self.device) * 2 - 1) * self.shift  # (B, 1, 2)
-            raw, action = raw.clone(), action.clone()
-            raw[..., nz.shift_dims] += d[..., nz.shift_axes]
+            raw, action = nz.shift_xy(raw, d), action.clone()
             action[..., :2] += d
         state = (nz.state_to_frame(raw) - self.s_off) / self.s_scale
         action = nz.actions_to_frame(action, raw[:, -1])
