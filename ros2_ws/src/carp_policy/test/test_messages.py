@@ -8,7 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from carp_bringup.messages import (
+from carp_policy.actions import ActionChunk, matrix_to_rot6d, rotation_error_deg
+from carp_policy.messages import (
     chunk_from_msg,
     chunk_to_msg,
     image_from_msg,
@@ -19,7 +20,6 @@ from carp_bringup.messages import (
     time_ns_from_msg,
     time_to_msg,
 )
-from carp_policy.actions import ActionChunk, matrix_to_rot6d, rotation_error_deg
 
 EPOCH_NS = 1_800_000_000_123_456_789  # a wall-clock time with nanoseconds that a float32 would lose
 
