@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from carp_policy.actions import ActionChunk, Observation, Policy
-from carp_policy.carp import CarpModel, CarpPolicy, count_parameters, sample_tokens
-from carp_policy.config import CarpConfig, EncoderConfig, TokenizerConfig, TransformerConfig
 from carp_policy.normalization import Normalizer
+from carp_policy.policies.base import EncoderConfig
+from carp_policy.policies.carp.configuration_carp import CarpConfig, TokenizerConfig, TransformerConfig
+from carp_policy.policies.carp.modeling_carp import CarpModel, CarpPolicy, count_parameters, sample_tokens
 from carp_policy.synthetic import SyntheticEpisodes, SyntheticWindows
 from carp_policy.train import action_errors
 

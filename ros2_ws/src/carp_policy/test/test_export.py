@@ -19,11 +19,13 @@ import torch
 from safetensors.torch import save_file
 
 from carp_policy.actions import Observation
-from carp_policy.carp import CarpPolicy
-from carp_policy.config import CarpConfig
-from carp_policy.engine import ModelDirError, OnnxPolicy, diffusion_timesteps, scheduler_step, sha256
-from carp_policy.export import _random_observation, _torch_dpc_ddim, _torch_tokens, export_policy
+from carp_policy.engine import ModelDirError, OnnxPolicy, sha256
+from carp_policy.export import export_policy
+from carp_policy.export import random_observation as _random_observation
 from carp_policy.normalization import Normalizer
+from carp_policy.policies.carp.configuration_carp import CarpConfig
+from carp_policy.policies.carp.modeling_carp import CarpPolicy
+from carp_policy.policies.diffusion.onnx_diffusion import diffusion_timesteps, scheduler_step
 
 LO = np.array([0.2, -0.4, 0.0, -1, -1, -1, -1, -1, -1, 0.0])
 HI = np.array([0.7, 0.4, 0.5, 1, 1, 1, 1, 1, 1, 0.085])
@@ -62,6 +64,16 @@ def _carp_cfg(kind: str) -> CarpConfig:
     )
 
 
+def _torch_tokens(policy: CarpPolicy, obs: Observation) -> list[np.ndarray]:
+    """The greedy token maps the torch policy picks for ``obs``."""
+    return policy.predict_with_tokens(obs)[1]
+
+
+def _torch_dpc_ddim(policy, obs: Observation, noise: torch.Tensor) -> np.ndarray:
+    """DP-C torch reference from a given initial noise (1, T, A): diffusers' DDIM, physical actions."""
+    return policy.predict(obs, noise=noise[0].numpy(), sampler="ddim").actions
+
+
 def _wake(params) -> None:
     """adaLN gates start at zero: give every all-zero tensor weight so every block matters."""
     with torch.no_grad():
@@ -78,7 +90,7 @@ def _carp_policy(kind: str, seed: int = 0) -> CarpPolicy:
 
 
 def _dpc_policy():
-    from carp_policy.diffusion import DiffusionConfig, DiffusionPolicy
+    from carp_policy.policies.diffusion.modeling_diffusion import DiffusionConfig, DiffusionPolicy
 
     torch.manual_seed(0)
     cfg = DiffusionConfig.from_dict(
@@ -89,7 +101,7 @@ def _dpc_policy():
             "noise": {"sampler": "ddim", "num_inference_steps": 10},
         }
     )
-    return DiffusionPolicy(cfg, Normalizer(LO, HI, LO, HI)).eval()
+    return DiffusionPolicy(cfg, Normalizer(LO, HI, LO, HI))
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +178,7 @@ def test_dpc_parity_ddim(dpc):
     policy, out, m = dpc
     assert m["family"] == "diffusion" and m["parity"]["passed"]
     engine = OnnxPolicy(out, intra_op_threads=1)
-    assert engine.sampler == "ddim" and len(engine.timesteps) == 10
+    assert engine.runner.sampler == "ddim" and len(engine.runner.timesteps) == 10
     rng = np.random.default_rng(5)
     for i in range(3):
         obs = _random_observation(engine.spec, policy.normalizer, rng)
@@ -175,7 +187,7 @@ def test_dpc_parity_ddim(dpc):
         got = engine.predict(obs, noise=noise[0].numpy()).actions
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=0)
     ddpm = OnnxPolicy(out, sampler="ddpm", intra_op_threads=1, warmup=0)
-    assert len(ddpm.timesteps) == 100
+    assert len(ddpm.runner.timesteps) == 100
     chunk = ddpm.predict(obs)
     assert chunk.actions.shape == (16, 10) and np.all(np.isfinite(chunk.actions))
 
@@ -246,7 +258,13 @@ def test_carp_export_cli_from_run_dir(tmp_path):
         timeout=300,
         env=_env(),
     )
-    assert bad.returncode == 1 and "config.yaml missing" in bad.stderr
+    # a user's mistake: one line on stderr, exit code 2 (carp_policy.cli), no traceback
+    assert (
+        bad.returncode == 2
+        and bad.stderr.startswith("carp-export: error: ")
+        and "config.yaml missing" in bad.stderr
+    )
+    assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
 
 
 def _env() -> dict[str, str]:
@@ -405,8 +423,8 @@ def test_relative_frame_policy_exports_with_parity(family, tmp_path):
     else:
         policy = _dpc_policy()
         policy.config.encoder.env_state_dim, policy.config.frame = 2, "relative"
-        policy = type(policy)(policy.config, norm).eval()
-        params = policy.parameters()
+        policy = type(policy)(policy.config, norm)
+        params = policy.model.parameters()
     _wake(params)
     manifest = export_policy(policy, tmp_path, parity_samples=2, verbose=False)
     assert manifest["normalization"]["frame"] == "relative"
@@ -450,8 +468,8 @@ def test_batched_export_runs_the_shift_ensemble_in_one_pass(tmp_path):
     """A CARP policy with a 3 x 3 shift ensemble exports its graphs at batch 9: each row of one pass
     matches the torch policy, a lone observation gives the batch-1 export's chunk, and the ensemble
     over the batched engine equals the ensemble run one copy at a time."""
-    from carp_policy.config import EnsembleConfig
-    from carp_policy.factory import ShiftEnsemble
+    from carp_policy.policies.base import EnsembleConfig
+    from carp_policy.policies.ensemble import ShiftEnsemble
 
     cfg = _carp_cfg("state")
     cfg.encoder.env_state_dim, cfg.train.shift_augment = 3, 0.03

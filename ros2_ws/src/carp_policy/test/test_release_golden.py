@@ -61,7 +61,7 @@ def golden_observations(name: str, state: np.ndarray | None = None, env: np.ndar
 def run_model(name: str, observations: list) -> dict[str, np.ndarray]:
     """Chunks of the released model as loaded (its own ensemble setting) and without the ensemble."""
     from carp_policy import load_policy
-    from carp_policy.config import EnsembleConfig
+    from carp_policy.policies.base import EnsembleConfig
 
     path = ROOT / "models" / name
     shipped = load_policy(path, device="cpu")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from carp_policy.config import TokenizerConfig
 from carp_policy.normalization import Normalizer
+from carp_policy.policies.carp.configuration_carp import TokenizerConfig
+from carp_policy.policies.carp.tokenizer import MultiScaleTokenizer
 from carp_policy.synthetic import SyntheticEpisodes, SyntheticWindows, split_episodes
-from carp_policy.tokenizer import MultiScaleTokenizer
 from carp_policy.train import action_errors
 
 

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from carp_policy.actions import Observation
-from carp_policy.carp import CarpPolicy
-from carp_policy.config import CarpConfig
+from carp_policy.policies.carp.configuration_carp import CarpConfig
+from carp_policy.policies.carp.modeling_carp import CarpPolicy
 
 TINY = {
     "tokenizer": {"hidden": 8, "revive_every": 10},
@@ -243,7 +243,7 @@ def test_shift_augment_is_refused_where_it_would_be_wrong():
 
 
 def test_shift_ensemble_config_is_checked_against_the_training():
-    from carp_policy.config import EnsembleConfig
+    from carp_policy.policies.base import EnsembleConfig
     from carp_policy.train import load_config
 
     ens = load_config("state_env").ensemble  # the released models' setting
@@ -269,9 +269,9 @@ def test_shift_ensemble_undoes_the_shift_for_an_equivariant_policy():
     shifted chunk, so the ensemble returns its chunk unchanged. Checks the sign of each shift and
     that TCP, object and target all move; z, rotations and the gripper pass through."""
     from carp_policy.actions import ActionChunk, matrix_to_rot6d
-    from carp_policy.config import EnsembleConfig
-    from carp_policy.factory import ShiftEnsemble
     from carp_policy.normalization import Normalizer
+    from carp_policy.policies.base import EnsembleConfig
+    from carp_policy.policies.ensemble import ShiftEnsemble
 
     names = ["x", "y", "z", *(f"r6d_{i}" for i in range(6)), "gripper", "object_x", "object_y", "object_z",
              "object_up_x", "object_up_y", "object_up_z", "target_x", "target_y"]  # fmt: skip
