@@ -145,9 +145,7 @@ def load_policy(spec: str, device: str = "cpu", cfg: EvalConfig | None = None) -
     policy = _load(spec, device=device, ensemble=ensemble)
     task = policy.contract.get("task")
     if cfg is not None and task and task != cfg.task:
-        raise ValueError(
-            f"{spec} is a model for task {task!r}, not {cfg.task!r} (--task {task}, or another model)"
-        )
+        raise ValueError(f"{spec} is a model for task {task!r}, not {cfg.task!r} (use --task {task})")
     return policy
 
 

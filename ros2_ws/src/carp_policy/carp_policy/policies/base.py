@@ -157,9 +157,9 @@ class PolicyConfig:
     dt: float = 0.1  # s, the control period: one action per dt (the demonstrations' rate, 10 Hz)
     execute_steps: int = 8  # steps of each chunk executed before re-planning
     frame: str = "absolute"  # positions as recorded, or "relative" to the TCP (normalization.py)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)  # observation encoder (encoders.py)
+    train: TrainConfig = field(default_factory=TrainConfig)  # training loop (carp-train)
+    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)  # test-time shift ensemble
 
     def __post_init__(self) -> None:
         if not self.family:

@@ -46,9 +46,9 @@ class CarpConfig(PolicyConfig):
 
     FAMILY: ClassVar[str] = "carp"
 
-    name: str = "carp_state"
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    transformer: TransformerConfig = field(default_factory=TransformerConfig)
+    name: str = "carp_state"  # run / model name (manifest, reports)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # stage 1: action tokens
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)  # stage 2: the policy
 
     @property
     def horizon(self) -> int:

@@ -60,13 +60,13 @@ class DiffusionConfig(PolicyConfig):
 
     FAMILY: ClassVar[str] = "diffusion"
 
-    name: str = "dpc_state"
+    name: str = "dpc_state"  # run / model name (manifest, reports)
     horizon: int = 16  # T: action chunk length
-    action_dim: int = 10  # A
-    encoder: DiffusionEncoderConfig = field(default_factory=DiffusionEncoderConfig)
-    train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    action_dim: int = 10  # A: [x, y, z, r6d(6), gripper]
+    encoder: DiffusionEncoderConfig = field(default_factory=DiffusionEncoderConfig)  # CARP's, wider
+    train: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)  # DP's schedule
+    unet: UNetConfig = field(default_factory=UNetConfig)  # the denoising network (unet.py)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)  # DDPM training / DDIM inference
 
     def __post_init__(self) -> None:
         levels = len(self.unet.down_dims)
