@@ -119,10 +119,10 @@ def test_generate_batch_and_single_observation(kind):
     out = policy.model.generate(obs, generator=torch.Generator().manual_seed(0))
     assert out.shape == (3, 16, 10)
     # batch 1 with the same initial noise as row 0 of the batch gives row 0 (the U-Net is per-sample;
-    # measured max |diff| ~1e-7 from batched kernels: 1e-5 is the margin)
+    # measured max |diff| 4.6e-6 over ten DDIM steps from batched kernels: 3e-5 leaves a 6x margin)
     one = {"state": obs["state"][:1], "images": {c: x[:1] for c, x in obs["images"].items()}}
     out1 = policy.model.generate(one, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out1[0], out[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out1[0], out[0], atol=3e-5, rtol=0)
     chunk = policy.predict(observation(windows(ds, cfg, [1]), 0))
     assert isinstance(chunk, ActionChunk) and chunk.actions.shape == (16, 10) and chunk.latency_s > 0
 
