@@ -3,7 +3,7 @@
 This module is the contract between the policy, the driver, the recorder and the twin. It imports
 no torch and no rclpy, so a driver or a recorder can use it on a machine without either.
 
-Conventions (DESIGN.md):
+Conventions (docs/design.md):
 - units SI (m, rad, s), poses in the robot base frame;
 - an action / state vector is ``[x, y, z, r6d_0..r6d_5, gripper]`` (10 numbers): TCP position,
   rotation6d (the first two *columns* of the rotation matrix, column-major:
@@ -13,6 +13,9 @@ Conventions (DESIGN.md):
 
 from __future__ import annotations
 
+import threading
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -103,16 +106,20 @@ class Observation:
 
     state:  (O, STATE_DIM) float, oldest first, the last row is "now" (a (STATE_DIM,) array is O=1).
     images: camera name -> (O, H, W, 3) uint8 RGB, oldest first (an (H, W, 3) array is O=1).
-    timestamp: time of the newest sample, seconds (sim time in the twin, ROS time on the robot).
+    timestamp: the decision time the observation describes, seconds on the host clock (sim time in
+        the twin, the robot PC's clock on a cell); a chunk computed from it is scheduled from it.
     env_state: (O, E) float or None: the scene's state (object and target poses) where something
         measures it. The twin always does (privileged, LeRobot's ``observation.environment_state``);
         a real cell has none unless a perception module provides it.
+    stamps: stream name -> (O,) capture times of the samples used for each row (``ObservationAligner``
+        fills it: ``state`` parts and each camera have their own); empty where nobody measured them.
     """
 
     state: np.ndarray
     images: dict[str, np.ndarray] = field(default_factory=dict)
     timestamp: float = 0.0
     env_state: np.ndarray | None = None
+    stamps: dict[str, np.ndarray] = field(default_factory=dict)
 
     def with_horizon(self) -> Observation:
         """Return a copy with explicit leading time axes on state and images."""
@@ -126,7 +133,9 @@ class Observation:
         env = None if self.env_state is None else np.asarray(self.env_state)
         if env is not None and env.ndim == 1:
             env = env[None]
-        return Observation(state=state, images=images, timestamp=self.timestamp, env_state=env)
+        return Observation(
+            state=state, images=images, timestamp=self.timestamp, env_state=env, stamps=dict(self.stamps)
+        )
 
 
 @dataclass
@@ -262,8 +271,192 @@ class Policy(Protocol):
         ...
 
 
+# ----------------------------------------------------------------------------- time
+class StaleObservationError(ValueError):
+    """An observation that must not reach a policy: a stream too old, missing, or streams too far apart.
+
+    ``reason`` is a short machine-readable cause (``stale``, ``missing``, ``skew``) for counters."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One timestamped reading of a stream: a camera frame, the robot state, the gripper opening."""
+
+    t: float  # capture time, s, on the host clock (the device's own clock mapped onto it)
+    value: np.ndarray
+
+
+class StreamBuffer:
+    """Ring buffer of the latest samples of one stream, safe to fill from a device thread.
+
+    Capture times must not go backwards (a clock mapping that does is a bug upstream, refused here).
+    ``latest(max_age, now)`` and ``at(t)`` answer "what was true at time t" as Diffusion Policy's
+    real-world environment does: the latest sample at or before t.
+    """
+
+    def __init__(self, name: str, capacity: int = 64) -> None:
+        if capacity < 1:
+            raise ValueError("StreamBuffer capacity must be >= 1")
+        self.name = name
+        self._items: deque[Sample] = deque(maxlen=capacity)
+        self._lock = threading.Lock()
+
+    def push(self, t: float, value: np.ndarray) -> None:
+        """Add a sample captured at time ``t`` (s)."""
+        t = float(t)
+        if not np.isfinite(t):
+            raise ValueError(f"stream '{self.name}': capture time is not finite ({t})")
+        with self._lock:
+            if self._items and t < self._items[-1].t:
+                raise ValueError(
+                    f"stream '{self.name}': capture time went backwards ({t:.6f} s after "
+                    f"{self._items[-1].t:.6f} s)"
+                )
+            self._items.append(Sample(t, value))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def latest(self, max_age: float | None = None, now: float | None = None) -> Sample | None:
+        """The newest sample, or None if there is none or it is older than ``max_age`` at ``now``."""
+        with self._lock:
+            s = self._items[-1] if self._items else None
+        if s is None or max_age is None:
+            return s
+        return s if (now - s.t) <= max_age else None
+
+    def at(self, t: float, tolerance: float = 1e-6) -> Sample | None:
+        """The latest sample captured at or before ``t`` (within ``tolerance`` s of float noise);
+        None if every sample is newer."""
+        with self._lock:
+            items = list(self._items)
+        for s in reversed(items):
+            if s.t <= t + tolerance:
+                return s
+        return None
+
+    def earliest(self) -> Sample | None:
+        with self._lock:
+            return self._items[0] if self._items else None
+
+
+@dataclass
+class AlignerConfig:
+    """How an observation history is assembled from timestamped streams."""
+
+    horizon: int = 1  # O: observation rows, the newest last
+    dt: float = 1.0 / CONTROL_RATE_HZ  # s between rows (the control period the policy was trained at)
+    # s: the newest sample of every stream must be at most this old at the decision time; older, the
+    # policy pauses and the arm holds (a camera at 30 fps is at most ~33 ms old, the robot state ~2 ms)
+    max_age: float = 0.1
+    max_skew: float = 0.05  # s: the newest samples of the streams must lie within this of each other
+
+
+@dataclass
+class Alignment:
+    """What the aligner measured for one observation (for diagnostics and the recorder)."""
+
+    t: float  # the decision time
+    ages: dict[str, float]  # stream -> t - capture time of its newest row's sample, s
+    skew: float  # max - min capture time over the streams' newest rows, s
+
+
+class ObservationAligner:
+    """Builds a policy's observation history at the control period from per-stream buffers.
+
+    Row i of the observation for decision time t uses, from each stream, the latest sample at or
+    before ``t - (O - 1 - i) * dt``; before a stream's first sample the earliest one is repeated
+    (edge padding, as training pads the start of an episode). The state vector is the
+    concatenation of the ``state`` streams in order (e.g. the TCP pose then the gripper opening).
+    A stream with no sample, one older than ``max_age`` or streams further apart than ``max_skew``
+    raise ``StaleObservationError``: the caller must not run the policy on it.
+    """
+
+    def __init__(
+        self,
+        state: Sequence[StreamBuffer],
+        cameras: Mapping[str, StreamBuffer] | None = None,
+        env_state: Sequence[StreamBuffer] = (),
+        config: AlignerConfig | None = None,
+    ) -> None:
+        self.config = config or AlignerConfig()
+        if self.config.horizon < 1:
+            raise ValueError("observation horizon must be >= 1")
+        if not state:
+            raise ValueError("ObservationAligner needs at least one state stream")
+        self.state, self.env_state = list(state), list(env_state)
+        self.cameras = dict(cameras or {})
+
+    def _streams(self) -> list[StreamBuffer]:
+        return [*self.state, *self.cameras.values(), *self.env_state]
+
+    def newest_time(self) -> float | None:
+        """The newest capture time over all streams (None if a stream is still empty)."""
+        latest = [b.latest() for b in self._streams()]
+        return None if any(s is None for s in latest) else max(s.t for s in latest)
+
+    def build(self, t: float | None = None) -> tuple[Observation, Alignment]:
+        """The observation for decision time ``t`` (default: the newest capture time of any stream)."""
+        cfg = self.config
+        if t is None:
+            t = self.newest_time()
+            if t is None:
+                empty = [b.name for b in self._streams() if not len(b)]
+                raise StaleObservationError(f"no sample yet from stream(s) {empty}", "missing")
+        times = t - cfg.dt * np.arange(cfg.horizon - 1, -1, -1)  # (O,), oldest first
+        rows: dict[str, list[Sample]] = {}
+        for buf in self._streams():
+            newest = buf.at(times[-1])
+            if newest is None:
+                raise StaleObservationError(
+                    f"stream '{buf.name}' has no sample at or before t={t:.3f} s", "missing"
+                )
+            first = buf.earliest()
+            rows[buf.name] = [buf.at(ti) or first for ti in times[:-1]] + [newest]
+        ages = {name: float(t - r[-1].t) for name, r in rows.items()}
+        old = {n: a for n, a in ages.items() if a > cfg.max_age}
+        if old:
+            desc = ", ".join(f"'{n}' {a * 1e3:.0f} ms" for n, a in old.items())
+            raise StaleObservationError(
+                f"stale stream(s) at t={t:.3f} s: {desc} old (limit {cfg.max_age * 1e3:.0f} ms)", "stale"
+            )
+        newest_t = [r[-1].t for r in rows.values()]
+        skew = float(max(newest_t) - min(newest_t))
+        if skew > cfg.max_skew:
+            raise StaleObservationError(
+                f"streams {skew * 1e3:.0f} ms apart at t={t:.3f} s (limit {cfg.max_skew * 1e3:.0f} ms)",
+                "skew",
+            )
+
+        def stack(bufs: Sequence[StreamBuffer]) -> np.ndarray:
+            return np.stack(
+                [np.concatenate([np.asarray(rows[b.name][i].value, np.float64).reshape(-1) for b in bufs])
+                 for i in range(cfg.horizon)]
+            )  # fmt: skip
+
+        obs = Observation(
+            state=stack(self.state),
+            images={c: np.stack([np.asarray(s.value) for s in rows[b.name]]) for c, b in self.cameras.items()},  # noqa: E501
+            timestamp=float(t),
+            env_state=stack(self.env_state) if self.env_state else None,
+            stamps={name: np.array([s.t for s in r]) for name, r in rows.items()},
+        )
+        return obs, Alignment(t=float(t), ages=ages, skew=skew)
+
+
 class ObservationHistory:
-    """Keeps the last ``horizon`` observations and stacks them for a policy (edge-padded at start)."""
+    """The observation history of a synchronous source (the twin, a replayed episode), where every
+    pushed observation is one sample of every stream taken at the same instant, one control period
+    after the last: the last ``horizon`` pushes, edge-padded at the start. On a real cell, where
+    streams arrive on their own clocks, ``ObservationAligner`` builds the same rows by time."""
 
     def __init__(self, horizon: int) -> None:
         if horizon < 1:
@@ -284,4 +477,5 @@ class ObservationHistory:
         env = None
         if obs.env_state is not None:
             env = np.stack([np.asarray(o.env_state).reshape(-1) for o in items])
-        return Observation(state=state, images=images, timestamp=obs.timestamp, env_state=env)
+        stamps = {"observation": np.array([o.timestamp for o in items])}
+        return Observation(state=state, images=images, timestamp=obs.timestamp, env_state=env, stamps=stamps)

@@ -8,8 +8,12 @@ from scipy.spatial.transform import Rotation
 from carp_policy.actions import (
     STATE_NAMES,
     ActionChunk,
+    AlignerConfig,
     Observation,
+    ObservationAligner,
     ObservationHistory,
+    StaleObservationError,
+    StreamBuffer,
     matrix_to_rot6d,
     quat_to_rot6d,
     rot6d_to_matrix,
@@ -85,6 +89,85 @@ def test_observation_history_pads_with_first_and_keeps_last():
     s = hist.push(o3)
     assert s.state[:, 0].tolist() == [2.0, 3.0] and s.timestamp == 0.3
     assert s.images["wrist"][:, 0, 0, 0].tolist() == [2, 3]
+
+
+EPOCH = 1.8e9  # wall-clock sized times: the aligner must not lose precision on them
+
+
+def _streams(t0: float = EPOCH):
+    """A robot state at 500 Hz, a gripper at 50 Hz and two cameras at 30 fps with 5 ms offset."""
+    tcp, grip = StreamBuffer("tcp", 1024), StreamBuffer("gripper", 128)
+    wrist, scene = StreamBuffer("wrist"), StreamBuffer("scene")
+    for i in range(500):  # 1 s
+        t = t0 + i * 0.002
+        tcp.push(t, np.full(9, t - t0))
+        if i % 10 == 0:
+            grip.push(t, np.array([t - t0]))
+    for i in range(30):
+        wrist.push(t0 + i / 30, np.full((4, 5, 3), i, np.uint8))
+        scene.push(t0 + 0.005 + i / 30, np.full((4, 5, 3), 100 + i, np.uint8))
+    return tcp, grip, wrist, scene
+
+
+def test_aligner_takes_the_latest_sample_at_or_before_each_row_time():
+    tcp, grip, wrist, scene = _streams()
+    al = ObservationAligner([tcp, grip], {"wrist": wrist, "scene": scene}, config=AlignerConfig(horizon=2))
+    t = EPOCH + 0.95
+    obs, info = al.build(t)
+    assert obs.state.shape == (2, 10) and obs.images["wrist"].shape == (2, 4, 5, 3)
+    # rows at 0.85 s and 0.95 s: tcp at 2 ms steps, gripper at 20 ms, cameras at 1/30 s
+    np.testing.assert_allclose(obs.state[:, 0], [0.85, 0.95], atol=1e-6)
+    np.testing.assert_allclose(obs.state[:, 9], [0.84, 0.94], atol=1e-6)
+    assert obs.images["wrist"][:, 0, 0, 0].tolist() == [25, 28]  # frames at 0.8333 s and 0.9333 s
+    assert obs.images["scene"][:, 0, 0, 0].tolist() == [125, 128]
+    np.testing.assert_allclose(obs.stamps["wrist"] - EPOCH, [25 / 30, 28 / 30], atol=1e-6)
+    assert obs.timestamp == t
+    # ages and skew as measured from the stamps, at full float64 precision on epoch-sized times
+    assert info.ages["wrist"] == pytest.approx(0.95 - 28 / 30, abs=1e-6)
+    assert info.skew == pytest.approx(obs.stamps["tcp"][-1] - obs.stamps["wrist"][-1], abs=1e-6)
+    # default decision time: the newest capture time of any stream
+    assert al.build()[0].timestamp == pytest.approx(EPOCH + 0.998, abs=1e-6)
+
+
+def test_aligner_edge_pads_before_the_first_sample():
+    buf = StreamBuffer("state")
+    buf.push(5.0, np.full(10, 1.0))
+    obs, _ = ObservationAligner([buf], config=AlignerConfig(horizon=3)).build(5.0)
+    assert obs.state.shape == (3, 10) and np.all(obs.state == 1.0)
+
+
+def test_aligner_refuses_stale_missing_and_skewed_streams():
+    tcp, grip, wrist, scene = _streams()
+    cams = {"wrist": wrist, "scene": scene}
+    al = ObservationAligner([tcp, grip], cams, config=AlignerConfig(max_age=0.1, max_skew=0.05))
+    with pytest.raises(StaleObservationError, match=r"stale stream\(s\).*'wrist' 1\d\d ms") as e:
+        al.build(EPOCH + 28 / 30 + 0.15)  # every camera frame is > 100 ms old by then
+    assert e.value.reason == "stale"
+    with pytest.raises(StaleObservationError, match="no sample at or before") as e:
+        al.build(EPOCH - 1.0)
+    assert e.value.reason == "missing"
+    empty = ObservationAligner([tcp], {"wrist": StreamBuffer("wrist")})
+    with pytest.raises(StaleObservationError, match=r"no sample yet from stream\(s\) \['wrist'\]"):
+        empty.build()
+    late = StreamBuffer("scene")
+    late.push(EPOCH + 0.89, np.zeros((4, 5, 3), np.uint8))
+    skewed = ObservationAligner([tcp], {"wrist": wrist, "scene": late}, config=AlignerConfig(max_skew=0.02))
+    with pytest.raises(StaleObservationError, match="ms apart") as e:
+        skewed.build(EPOCH + 0.89)  # wrist frame at 0.8667 s, scene at 0.89 s: 23 ms apart
+    assert e.value.reason == "skew"
+
+
+def test_stream_buffer_refuses_time_going_backwards_and_nan():
+    buf = StreamBuffer("tcp", capacity=2)
+    buf.push(1.0, np.zeros(1))
+    with pytest.raises(ValueError, match="went backwards"):
+        buf.push(0.5, np.zeros(1))
+    with pytest.raises(ValueError, match="not finite"):
+        buf.push(float("nan"), np.zeros(1))
+    buf.push(2.0, np.ones(1))
+    buf.push(3.0, np.ones(1) * 2)
+    assert len(buf) == 2 and buf.earliest().t == 2.0  # the ring keeps the newest `capacity`
+    assert buf.latest(max_age=0.5, now=3.4).t == 3.0 and buf.latest(max_age=0.5, now=3.6) is None
 
 
 def test_environment_state_is_stacked_validated_and_appended():

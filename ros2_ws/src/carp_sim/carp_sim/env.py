@@ -19,10 +19,18 @@ import numpy as np
 import yaml
 from scipy.spatial.transform import Rotation
 
-from carp_hardware.kinematics import ik_nearest, ik_nearest_path, pose_matrix
+from carp_hardware.kinematics import HOME_Q, ik_nearest, ik_nearest_path, pose_matrix
 from carp_policy.actions import ACTION_DIM, ACTION_NAMES, Observation, pose_to_vector, rot6d_to_matrix
 from carp_sim.cell import ARM_KP, ARM_KV, GRIPPER_STROKE, build_model
-from carp_sim.tasks import HOME_Q, EpisodeLayout, TaskConfig, TaskOutcome, check, sample_layout, unrecoverable
+from carp_sim.tasks import (
+    EpisodeLayout,
+    SceneSnapshot,
+    TaskConfig,
+    TaskOutcome,
+    check,
+    sample_layout,
+    unrecoverable,
+)
 
 CAMERAS = ("wrist", "scene")
 # Privileged scene state in every observation (LeRobot's observation.environment_state): the task
@@ -215,11 +223,12 @@ class SimCell:
         self._q_cmd = np.array(q_goal, dtype=np.float64)
 
     def _update_status(self) -> None:
-        self._failure = unrecoverable(self)
+        snap = self.snapshot()
+        self._failure = unrecoverable(self.task, snap)
         if self._failure:
             self.done = True
             return
-        if check(self).success:
+        if check(self.task, snap).success:
             if self._success_since is None:
                 self._success_since = self.time
             self.done = self.time - self._success_since >= self.task.success_hold_s - 1e-9
@@ -277,7 +286,7 @@ class SimCell:
         """Success check now: ``reason`` is "ok" or what is wrong (e.g. "cup tipped")."""
         if self._failure:
             return TaskOutcome(False, self._failure)
-        result = check(self)
+        result = check(self.task, self.snapshot())
         if not result.success and self.time >= self.max_duration_s and self.layout is not None:
             return TaskOutcome(False, f"timeout ({result.reason})")
         return result
@@ -308,6 +317,17 @@ class SimCell:
         """Position (3,) of the object's base and rotation (3, 3) (privileged, for experts/checks)."""
         body = self._obj_body if name is None else self.model.body(name).id
         return self.data.xpos[body].copy(), self.data.xmat[body].reshape(3, 3).copy()
+
+    def snapshot(self) -> SceneSnapshot:
+        """What the task's success checks read, measured now."""
+        pos, rot = self.object_pose()
+        return SceneSnapshot(
+            object_pos=pos,
+            object_rot=rot,
+            tcp_pos=self.data.site_xpos[self._tcp].copy(),
+            target_xy=np.asarray(self.layout.target_xy, dtype=np.float64),
+            gripper_contact=self.in_contact_with_gripper(),
+        )
 
     def in_contact_with_gripper(self, name: str | None = None) -> bool:
         """True if any gripper geom touches the task object."""

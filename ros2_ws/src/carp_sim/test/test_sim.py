@@ -284,3 +284,37 @@ def test_collect_cli_writes_a_valid_dataset(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ds = EpisodeDataset(out)
     assert [ds.metadata(i)["seed"] for i in range(len(ds))] == [0, 1]  # appended: a new layout
+
+
+def _snapshot(obj, tcp, target, contact=False, tilt_deg=0.0):
+    from scipy.spatial.transform import Rotation
+
+    from carp_sim.tasks import SceneSnapshot
+
+    rot = Rotation.from_euler("x", tilt_deg, degrees=True).as_matrix()
+    arr = np.asarray
+    return SceneSnapshot(arr(obj, float), rot, arr(tcp, float), arr(target, float), contact)
+
+
+def test_success_checks_are_pure_functions_of_a_snapshot():
+    from carp_sim.cell import POT_FLOOR
+    from carp_sim.tasks import check, unrecoverable
+
+    cup, bowl = TaskConfig.load("cup"), TaskConfig.load("bowl")
+    target = [-0.5, -0.2]
+    high = [-0.5, -0.2, 0.4]  # TCP well above the object: arm clear
+    assert check(cup, _snapshot([-0.5, -0.2, 0.0], high, target)).reason == "ok"
+    assert check(cup, _snapshot([-0.5, -0.2, 0.0], high, target, contact=True)).reason == "cup still held"
+    assert check(cup, _snapshot([-0.5, -0.2, 0.0], high, target, tilt_deg=30)).reason == "cup tipped"
+    assert check(cup, _snapshot([-0.4, -0.2, 0.0], high, target)).reason == "cup outside target area"
+    assert check(cup, _snapshot([-0.5, -0.2, 0.05], high, target)).reason == "cup not resting on table"
+    assert check(cup, _snapshot([-0.5, -0.2, 0.0], [-0.5, -0.2, 0.12], target)).reason == "arm not clear"
+    assert check(cup, _snapshot([-0.5, -0.2, -0.2], high, target)).reason == "cup fell off table"
+    assert unrecoverable(cup, _snapshot([-0.5, -0.2, 0.0], high, target, tilt_deg=80)) == "cup tipped"
+    assert unrecoverable(cup, _snapshot([-0.5, -0.2, 0.0], high, target, contact=True, tilt_deg=80)) is None
+    in_pot = [-0.5, -0.2, POT_FLOOR]
+    assert check(bowl, _snapshot(in_pot, high, target)).reason == "ok"
+    assert check(bowl, _snapshot(in_pot, high, target, contact=True)).reason == "bowl still held"
+    assert check(bowl, _snapshot([-0.4, -0.2, POT_FLOOR], high, target)).reason == "bowl not in pot"
+    assert check(bowl, _snapshot([-0.5, -0.2, POT_FLOOR + 0.05], high, target)).reason == "bowl not in pot"
+    assert unrecoverable(bowl, _snapshot([0.5, -0.2, 0.0], high, target)) == "bowl fell off table"
