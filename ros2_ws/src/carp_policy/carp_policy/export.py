@@ -245,14 +245,13 @@ def check_parity(policy: Any, model_dir: Path, samples: int, seed: int) -> dict[
         batch = [random_observation(engine.spec, policy.normalizer, rng) for _ in range(engine.batch)]
         for obs, chunk in zip(batch, engine.predict_batch(batch)):
             max_diff = max(max_diff, float(np.abs(policy.predict(obs).actions - chunk.actions).max()))
-    noise = policy.config.noise if hasattr(policy.config, "noise") else None
     return {
         "samples": samples,
         "batch": engine.batch,
         "max_abs_action_diff": max_diff,
         "tokens_equal": tokens_equal,
         "tolerance": PARITY_TOL,
-        "sampler": None if noise is None else f"ddim-{noise.num_inference_steps}",
+        "sampler": fam.parity_sampler(policy.config),
         "passed": bool(tokens_equal is not False and max_diff <= PARITY_TOL),
         "provider": "CPUExecutionProvider",
     }

@@ -181,11 +181,19 @@ def test_visual_run_end_to_end(tmp_path):
 def test_clear_errors(tmp_path):
     cfg = _config(tmp_path, "state")
     r = _train("--config", str(cfg), "--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "a"))
-    assert r.returncode != 0 and "dataset directory not found" in r.stderr
+    # a user's mistake: exit 2 and its last stderr line says what is wrong (carp_policy.cli), no traceback
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("carp-train: error: dataset directory not found")
+    r = _train("--config", "nope_config", "--dataset", "synthetic:3", "--out", str(tmp_path / "c"))
+    assert r.returncode == 2 and "carp-train: error: config not found: nope_config" in r.stderr
+    r = _train(
+        "--config", str(cfg), "--dataset", "synthetic:3", "--out", str(tmp_path / "d"), "--set", "unet.x=1"
+    )
+    assert r.returncode == 2 and "unknown config key(s) in CarpConfig: ['unet']" in r.stderr
     r = _train(
         "--config", str(cfg), "--dataset", "synthetic:3", "--out", str(tmp_path / "b"), "--stage", "policy"
     )
-    assert r.returncode != 0 and "run --stage tokenizer first" in r.stderr
+    assert r.returncode == 2 and "run --stage tokenizer first" in r.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"transformer": {"depht": 4}}))
     with pytest.raises(ValueError, match="depht"):

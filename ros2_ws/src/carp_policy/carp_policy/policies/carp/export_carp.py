@@ -175,6 +175,11 @@ def export_graphs(policy: Any, spec: dict[str, Any], out: Path, batch: int) -> t
     return [*graphs, dec], {}
 
 
+def parity_sampler(config: Any) -> None:
+    """CARP's parity is greedy: no sampler to name."""
+    return None
+
+
 def parity_pair(policy: Any, engine: Any, obs: Any, i: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Torch vs ONNX on one observation: (torch actions, ONNX actions, same tokens)."""
     ref, ref_tokens = policy.predict_with_tokens(obs)

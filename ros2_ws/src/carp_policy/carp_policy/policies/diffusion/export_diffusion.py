@@ -95,6 +95,11 @@ def export_graphs(policy: Any, spec: dict[str, Any], out: Path, batch: int) -> t
     return [e1, e2], {"scheduler": scheduler_spec(model)}
 
 
+def parity_sampler(config: Any) -> str:
+    """What the parity check compares: the torch DDIM chain against the engine's."""
+    return f"ddim-{config.noise.num_inference_steps}"
+
+
 def parity_pair(policy: Any, engine: Any, obs: Any, i: int) -> tuple[np.ndarray, np.ndarray, None]:
     """Torch (diffusers' DDIM) vs ONNX (numpy DDIM) from the same initial noise."""
     noise = torch.randn(
