@@ -155,3 +155,17 @@ def test_carp_eval_refuses_a_model_for_another_task(tmp_path):
         f"carp-eval: error: {MODELS / 'cup'} is a model for task 'cup', not 'bowl' (use --task cup)"
     ]
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.skipif(not (MODELS / "cup" / "manifest.json").exists(), reason="no released models")
+def test_the_engine_path_needs_no_torch():
+    """The robot PC runs exported models with numpy + onnxruntime: loading one and predicting must
+    not import torch (or diffusers)."""
+    code = (
+        "import sys; from carp_policy import load_policy; import numpy as np; "
+        f"p = load_policy({str(MODELS / 'cup')!r}); "
+        "print(sorted(m for m in ('torch', 'diffusers') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "[]"

@@ -39,7 +39,7 @@ class _CarpObsGraph(nn.Module):
     def forward(self, state: torch.Tensor, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         m, tok, gpt = self.model, self.model.tokenizer, self.model.gpt
         dt = torch.float16 if self.half_ else torch.float32
-        if not hasattr(m.encoder, "trunks"):  # the state MLP runs in the graph's precision
+        if m.cfg.encoder.kind != "visual":  # the state MLP runs in the graph's precision
             state = state.to(dt)
         cond = m.encoder({"state": state, "images": dict(zip(self.cameras, images))}).to(dt)  # (B, E)
         B = cond.shape[0]
@@ -108,7 +108,7 @@ def _scale_graphs(
         # a half copy: rounding the caller's weights through fp16 would change the fp32 policy
         model = copy.deepcopy(model).half()  # integer buffers (code offsets, ids) stay int64
         enc = model.encoder
-        if hasattr(enc, "trunks"):
+        if model.cfg.encoder.kind == "visual":
             # visual: the ResNet trunks (nearly all the FLOPs) in half; the spatial-softmax heads and
             # the fusion MLP stay fp32 (the exporter cannot build a half-precision arange grid)
             enc.heads.float()
