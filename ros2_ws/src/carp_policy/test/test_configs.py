@@ -117,3 +117,30 @@ def test_every_field_is_documented():
                 i = lines[0]
                 assert "#" in body[i] or body[i - 1].strip().startswith("#"), (obj.__name__, f.name)
         assert src
+
+
+def test_a_new_family_is_one_registration(monkeypatch):
+    """A family the stack has never seen (a config subclass + its module names) is found by name by
+    every loader: nothing else changes."""
+    from dataclasses import dataclass
+
+    from carp_policy import policies
+    from carp_policy.policies import PolicyFamily, register
+
+    @dataclass
+    class ToyConfig(PolicyConfig):
+        FAMILY = "toy"
+        keyframes: int = 3  # a field of its own
+
+        @property
+        def horizon(self) -> int:
+            return 16
+
+    monkeypatch.setattr(policies, "_FAMILIES", dict(policies._FAMILIES))
+    register(PolicyFamily("toy", ToyConfig, "toy.modeling", "toy.export", "toy.onnx"))
+    assert "toy" in families()
+    cfg = config_from_dict({"family": "toy", "keyframes": 5, "train": {"policy_steps": 9}})
+    assert isinstance(cfg, ToyConfig) and cfg.keyframes == 5 and cfg.train.policy_steps == 9
+    assert cfg.contract()["horizon"] == 16
+    with pytest.raises(ValueError, match="already registered"):
+        register(PolicyFamily("toy", CarpConfig, "a", "b", "c"))

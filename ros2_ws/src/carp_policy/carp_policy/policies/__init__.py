@@ -7,9 +7,15 @@ A family is a package ``carp_policy/policies/<name>/`` with
 - ``modeling_<name>.py``: the network's model (``Model``: ``loss``, ``generate``, ``stages``, the
   training hooks ``carp-train`` calls) and its torch policy (``Policy``: a ``ChunkPolicy`` with
   ``from_run``); the networks themselves in their own files;
-- ``export_<name>.py``: ``export_graphs`` (the ONNX graphs of a trained policy) and
-  ``onnx_runner`` (how ``carp_policy.engine`` runs them, numpy + onnxruntime only);
+- ``export_<name>.py``: ``export_graphs`` (the ONNX graphs of a trained policy), ``default_batch``,
+  ``check_batch``, ``parity_pair``, ``parity_sampler`` (and ``try_fp16`` where the family can);
+- ``onnx_<name>.py``: ``OnnxRunner``, how ``carp_policy.engine`` chains those graphs (numpy +
+  onnxruntime only: the robot PC needs no torch);
 - ``__init__.py``: ``FAMILY``, a ``PolicyFamily`` naming the above.
+
+Shared by every family: ``base.py`` (the base config and its common sections), ``policy.py`` (the
+policy object, ``ChunkPolicy``), ``ensemble.py`` (the test-time shift ensemble); the observation
+encoders (``carp_policy/encoders.py``) and the processor (``carp_policy/processor.py``).
 
 ``carp-train``, ``carp-export``, ``load_policy`` and ``carp-eval`` ask ``get_family(name)``; none
 tests for a family. A new family (e.g. Chain-of-Action) is one new package and one line below.
@@ -17,6 +23,7 @@ tests for a family. A new family (e.g. Chain-of-Action) is one new package and o
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
 from carp_policy.policies.base import PolicyConfig, PolicyFamily
@@ -83,8 +90,6 @@ def load_config(path: Any, overrides: list[str] | tuple[str, ...] = ()) -> Polic
 
 
 # ----------------------------------------------------------------------------- the families
-from carp_policy.policies.carp import FAMILY as _CARP  # noqa: E402
-from carp_policy.policies.diffusion import FAMILY as _DIFFUSION  # noqa: E402
-
-register(_CARP)
-register(_DIFFUSION)
+# One line per family: its package under carp_policy/policies/ names its parts in ``FAMILY``.
+register(import_module("carp_policy.policies.carp").FAMILY)
+register(import_module("carp_policy.policies.diffusion").FAMILY)
