@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from carp_policy.actions import ActionChunk, Observation, ObservationHistory, Policy
-from carp_policy.cli import add_device_argument
+from carp_policy.cli import UserError, add_device_argument, run_main
 
 
 class Cell(Protocol):
@@ -363,13 +363,16 @@ def main(argv: list[str] | None = None) -> int:
         ensemble_grid=a.ensemble_grid,
         ensemble_radius=a.ensemble_radius,
     )
-    try:
-        summary = evaluate(cfg, a.policy, a.out, device=a.device)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"carp-eval: error: {e}", file=sys.stderr)
-        return 2
-    print_summary(summary, a.out)
-    return 0
+
+    def body() -> int:
+        try:
+            summary = evaluate(cfg, a.policy, a.out, device=a.device)
+        except KeyError as e:  # an unknown task or camera name
+            raise UserError(str(e)) from e
+        print_summary(summary, a.out)
+        return 0
+
+    return run_main("carp-eval", body)
 
 
 if __name__ == "__main__":

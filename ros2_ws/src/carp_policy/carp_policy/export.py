@@ -31,11 +31,10 @@ from torch import nn
 
 from carp_policy.actions import Observation
 from carp_policy.cli import add_device_argument, resolve_device, run_main
-from carp_policy.manifest import FORMAT_VERSION, MANIFEST, sha256
+from carp_policy.manifest import FORMAT_VERSION, MANIFEST, OPSET, sha256
 from carp_policy.normalization import Normalizer
 from carp_policy.policies import get_family
 
-OPSET = 17
 PARITY_TOL = 1e-4  # max |action difference| (physical units) accepted between torch and ONNX in fp32
 
 

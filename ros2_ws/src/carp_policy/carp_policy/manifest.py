@@ -26,7 +26,8 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
-SUPPORTED_OPSETS = (17,)
+OPSET = 17  # the ONNX opset carp-export writes (legacy exporter; torch 2.11 and 2.14 alike)
+SUPPORTED_OPSETS = (OPSET,)  # what the engine runs
 REQUIRED = ("format_version", "family", "opset", "graphs", "observation", "normalization", "contract")
 
 
