@@ -9,8 +9,9 @@ header stamp is its capture time. Publishes ``/policy/action_chunk``
 (nav_msgs/Path of the chunk's TCP positions, for RViz) and ``/diagnostics``.
 
 Parameters: ``model`` (an exported model directory or a released model name), ``device``
-(auto | cpu | cuda), ``control_period`` (s, the model's dt), ``execute_steps`` (a decision every
-execute_steps * control_period), ``max_age`` / ``max_skew`` (s, the aligner's refusal limits).
+(auto | cpu | cuda), ``execute_steps`` (a decision every execute_steps * dt; 0: the model's own
+setting), ``max_age`` / ``max_skew`` (s, the aligner's refusal limits). The control period, the
+observation layout and the cameras come from the model's contract (its manifest).
 Decisions run in their own callback group, so the subscriptions keep filling the buffers while
 the model computes.
 """
@@ -46,23 +47,20 @@ class PolicyNode(Node):
         p = {
             "model": "cup",
             "device": "auto",
-            "control_period": 0.1,
-            "execute_steps": 8,
+            "execute_steps": 0,
             "max_age": 0.1,
             "max_skew": 0.05,
-            "env_state_dim": 0,
         }
         for k, v in p.items():
             self.declare_parameter(k, v)
         get = lambda k: self.get_parameter(k).value  # noqa: E731
         policy = load_policy(get("model"), device=resolve_device(get("device"), "onnxruntime"))
-        dt = float(get("control_period"))
         self.runner = PolicyRunner(
             policy,
-            AlignerConfig(dt=dt, max_age=float(get("max_age")), max_skew=float(get("max_skew"))),
-            env_state_dim=int(get("env_state_dim")),
+            AlignerConfig(max_age=float(get("max_age")), max_skew=float(get("max_skew"))),
             clock=lambda: self.get_clock().now().nanoseconds * 1e-9,
         )
+        dt = self.runner.config.dt  # the model's control period (its contract)
         inputs = ReentrantCallbackGroup()
         self.create_subscription(PoseStamped, "/ur5e/tcp_pose", self._on_pose, 50, callback_group=inputs)
         self.create_subscription(
@@ -80,7 +78,7 @@ class PolicyNode(Node):
         self.pub_chunk = self.create_publisher(MultiDOFJointTrajectory, "/policy/action_chunk", 10)
         self.pub_path = self.create_publisher(Path, "/policy/path", 10)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        period = dt * int(get("execute_steps"))
+        period = dt * (int(get("execute_steps")) or int(policy.contract["execute_steps"]))
         self.create_timer(period, self._decide, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(1.0, self._diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
         self.get_logger().info(

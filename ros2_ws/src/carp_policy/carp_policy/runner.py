@@ -64,21 +64,24 @@ class RunnerStats:
 class PolicyRunner:
     """Streams -> aligned observation -> policy -> stamped chunk, with refusals counted by reason.
 
-    policy: anything behind the ``Policy`` protocol (its ``obs_horizon`` and ``cameras`` decide what
-    is assembled). config: the aligner's settings; its ``horizon`` is taken from the policy.
-    env_state_dim: > 0 for a twin-only state model that reads the scene's measured state.
-    clock: the host clock the capture times are on (``time.time`` on a cell; the twin's sim clock).
+    policy: a loaded model (``load_policy``): its ``contract`` (manifest) says what is assembled: the
+    observation horizon, the control period, the cameras and their image sizes, and whether it
+    reads the scene's measured state (twin-only models). config: the aligner's age and skew limits
+    (its horizon and dt come from the contract). clock: the host clock the capture times are on.
     """
 
     def __init__(
         self,
         policy: Policy,
         config: AlignerConfig | None = None,
-        env_state_dim: int = 0,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        contract = policy.contract
         cfg = config or AlignerConfig()
-        cfg = AlignerConfig(horizon=policy.obs_horizon, dt=cfg.dt, max_age=cfg.max_age, max_skew=cfg.max_skew)
+        cfg = AlignerConfig(horizon=int(contract["obs_horizon"]), dt=float(contract["dt"]),
+                            max_age=cfg.max_age, max_skew=cfg.max_skew)  # fmt: skip
+        self.contract = contract
+        env_state_dim = len(contract.get("env_state_names") or [])
         self.policy, self.config, self.clock = policy, cfg, clock
         capacity = max(64, 4 * cfg.horizon)
         self.streams: dict[str, StreamBuffer] = {

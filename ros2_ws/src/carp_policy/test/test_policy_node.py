@@ -43,7 +43,7 @@ def test_policy_node_publishes_stamped_chunks_and_refuses_stale_state(ros_env):
     from carp_sim.env import ENV_STATE_NAMES
 
     cmd = [sys.executable, "-m", "carp_policy.policy_node", "--ros-args", "-p", "model:=cup",
-           "-p", "env_state_dim:=8", "-p", "execute_steps:=1", "-p", "device:=cpu"]  # fmt: skip
+           "-p", "execute_steps:=1", "-p", "device:=cpu"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=ros_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     ctx = rclpy.Context()
     rclpy.init(context=ctx)

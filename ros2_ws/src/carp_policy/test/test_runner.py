@@ -29,7 +29,7 @@ def test_runner_chunks_equal_the_policy_on_the_same_history(cup_policy):
     stacks, so the runner's chunk is the policy's chunk, stamped with the observation time."""
     from carp_sim.env import SimCell, SimConfig
 
-    runner = PolicyRunner(cup_policy, AlignerConfig(dt=0.1), env_state_dim=8)
+    runner = PolicyRunner(cup_policy)
     hist = ObservationHistory(cup_policy.obs_horizon)
     with SimCell("cup", SimConfig(render=False)) as cell:
         obs = cell.reset(10_000)
@@ -40,7 +40,7 @@ def test_runner_chunks_equal_the_policy_on_the_same_history(cup_policy):
             assert why == "" and chunk is not None
             want = cup_policy.predict(stacked)
             np.testing.assert_array_equal(chunk.actions, want.actions)
-            assert chunk.timestamp == obs.timestamp and chunk.dt == 0.1
+            assert chunk.timestamp == obs.timestamp and chunk.dt == cup_policy.contract["dt"] == 0.1
             obs = cell.step(chunk.actions[0])
             assert k < 1 or runner.stats.chunks == k + 1
     s = runner.stats.summary()
@@ -48,7 +48,7 @@ def test_runner_chunks_equal_the_policy_on_the_same_history(cup_policy):
 
 
 def test_runner_refuses_stale_and_missing_streams_and_counts_them(cup_policy):
-    runner = PolicyRunner(cup_policy, AlignerConfig(dt=0.1, max_age=0.1), env_state_dim=8)
+    runner = PolicyRunner(cup_policy, AlignerConfig(max_age=0.1))
     chunk, why = runner.decide(now=1.0)
     assert chunk is None and "no sample" in why
     runner.push_tcp(1.0, np.r_[-0.4, 0.1, 0.3, 1, 0, 0, 0, -1, 0])
@@ -65,7 +65,7 @@ def test_runner_refuses_stale_and_missing_streams_and_counts_them(cup_policy):
 
 def test_runner_accepts_samples_from_device_threads_while_it_decides(cup_policy):
     # the gripper and scene samples stay at t=0: wide age and skew limits, this test is about threads
-    runner = PolicyRunner(cup_policy, AlignerConfig(dt=0.1, max_age=10.0, max_skew=10.0), env_state_dim=8)
+    runner = PolicyRunner(cup_policy, AlignerConfig(max_age=10.0, max_skew=10.0))
     tcp = np.r_[-0.4, 0.1, 0.3, 1, 0, 0, 0, -1, 0]
     env = np.r_[-0.5, 0.1, 0.0, 0, 0, 1, -0.5, -0.2]
     runner.push_gripper(0.0, 0.085)
