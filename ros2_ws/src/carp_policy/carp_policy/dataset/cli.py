@@ -144,7 +144,8 @@ def cmd_view(args: argparse.Namespace) -> int:
     axes[2].set_ylabel(names[-1] if names else "")
     axes[2].set_xlabel("t (s)")
     axes[2].legend(fontsize=6)
-    axes[0].set_title(f"ep {ep.index} {'success' if ep.success else 'failure'}: {ep.task[:40]}", fontsize=7)
+    outcome = {True: "success", False: "failure", None: "outcome unknown"}[ep.success]
+    axes[0].set_title(f"ep {ep.index} {outcome}: {ep.task[:40]}", fontsize=7)
     fig.tight_layout()
     fig.canvas.draw()
     plot = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
