@@ -560,6 +560,13 @@ def test_old_episode_files_beside_lerobots_are_a_schema_split(ours: Path, tmp_pa
     with pytest.raises(DatasetError, match="columns differ"):
         DatasetWriter.open(root)
     assert successes(root) == [True, False, None, None]  # the old column read as it is; empty = unknown
+    # export rewrites it in the current form, flags kept (the unknown one stays unknown)
+    new = tmp_path / "converted"
+    r = subprocess.run([*CLI, "export", str(root), str(new)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rep = validate_dataset(new)
+    assert rep.ok and not rep.warnings and successes(new) == [True, False, None, None], rep.warnings
+    assert EpisodeDataset(new, cameras=[]).vectors(3)["time_ns"][0] == EPOCH_NS + 10**15 + 3 * 60 * 10**9
 
 
 def test_delete_split_merge_keep_data_and_lose_no_outcome(ours: Path, tmp_path: Path) -> None:

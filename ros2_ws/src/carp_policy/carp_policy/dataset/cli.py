@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import shutil
 import sys
@@ -32,6 +33,7 @@ from .format import (
     CARP_EPISODES_PATH,
     ENV_STATE_KEY,
     INFO_PATH,
+    LOCK_FILE,
     STAGING_DIR,
     DatasetError,
     VideoConfig,
@@ -240,18 +242,30 @@ def cmd_restore_meta(args: argparse.Namespace) -> int:
     for root in [dst, *map(Path, args.src)]:
         if not (root / INFO_PATH).exists():
             raise UserError(f"{root}: not a dataset (no {INFO_PATH})")
-    if (dst / STAGING_DIR).exists() and any((dst / STAGING_DIR).iterdir()):
-        raise UserError(f"{dst}: a writer is recording into it (or crashed): run validate --clean first")
+    lock = open(dst / LOCK_FILE, "w")  # the writer's lock: never rewrite the sidecar under a recording
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"{dst}: a DatasetWriter has it open; try again when it is closed") from None
+    try:
+        return _restore_meta(dst, args.src)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _restore_meta(dst: Path, sources: list[str]) -> int:
     ds = EpisodeDataset(dst, cameras=[])
     by_fp: dict[str, list[dict]] = {}
-    for src in args.src:
+    for src in sources:
         for rec in read_carp_episodes(Path(src)):
             by_fp.setdefault(rec["fingerprint"], []).append(rec)
     have = read_carp_episodes(dst)
     known = {r["fingerprint"] for r in have}
     records, found, ambiguous = list(have), 0, 0
     for i in range(len(ds)):
-        fp = ds._vectors[i]["fingerprint"]
+        fp = ds.fingerprint(i)
         cands = by_fp.get(fp or "", [])
         if not cands or fp in known:
             continue
@@ -262,7 +276,7 @@ def cmd_restore_meta(args: argparse.Namespace) -> int:
         records.append({**cands[0], "episode_index": i})
         known.add(fp)
         found += 1
-    staging = dst / STAGING_DIR
+    staging = dst / STAGING_DIR / "restore-meta"
     write_carp_episodes(dst, records, staging)
     shutil.rmtree(staging, ignore_errors=True)
     after = EpisodeDataset(dst, cameras=[]).summary()

@@ -202,6 +202,10 @@ class EpisodeDataset:
         """Episode ``i``'s recorded success: True, False, or None where unknown."""
         return self._outcomes[i][0]
 
+    def fingerprint(self, i: int) -> str | None:
+        """What names episode ``i`` in a ``meta/carp/episodes.jsonl`` (None without our columns)."""
+        return self._vectors[i]["fingerprint"]
+
     def episode(self, i: int) -> Episode:
         """Episode ``i`` (0-based position in the dataset) with its images decoded (once)."""
         if not 0 <= i < len(self):

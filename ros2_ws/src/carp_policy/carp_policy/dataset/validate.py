@@ -214,8 +214,9 @@ def _check_episode_columns(
         if ours:
             what.append(f"extra columns {ours}")
         rep.warnings.append(
-            f"{path}: {'; '.join(what)} (an older writer): LeRobot loads it, but after its resume() "
-            "appends an episode it cannot; `carp-dataset export` rewrites the dataset in the current form"
+            f"{path}: {'; '.join(what)} (an older version of this writer, or another tool): LeRobot "
+            "loads it, but not after its resume() appends an episode; `carp-dataset export` "
+            "rewrites the dataset in the current form"
         )
 
 

@@ -506,7 +506,8 @@ class DatasetWriter:
         for k in rows[0]:
             if k.startswith("stats/"):
                 feat, name = k[len("stats/") :].rsplit("/", 1)
-                keys.setdefault(feat, []).append(name)
+                if feat in self.info["features"]:  # as LeRobot: stats.json holds features only
+                    keys.setdefault(feat, []).append(name)
         stats = {}
         for feat, names in keys.items():
             per_ep = [
