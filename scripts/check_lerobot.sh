@@ -9,7 +9,8 @@
 #   1. we write 4 episodes (2 cameras, environment state, epoch-sized capture times, success
 #      True/False/True/unknown); LeRobot loads them: rows bit-identical, int64 capture times exact,
 #      frames as our reader decodes them, delta_timestamps windows padded as expected
-#   2. LeRobot resume() appends 2 episodes (AV1, its default), finalize(), loads again
+#   2. LeRobot resume() appends 2 episodes (AV1, its default), finalize(), loads again;
+#      lerobot-dataset-viz --save writes a recording of one of each (if rerun-sdk is installed)
 #   3. our reader, validator and writer on the result: LeRobot's episodes are "unknown", ours keep
 #      their flags; our writer appends an episode; validate --clean; LeRobot loads it again
 #   4. lerobot-edit-dataset delete_episodes / split / merge / recompute_stats; LeRobot loads each
@@ -140,6 +141,19 @@ assert d3.num_episodes == 6 and int(last["capture_time_ns"]) == 1_900_000_000_00
 print("  after resume() + 2 episodes + finalize(): LeRobot loads", d3.num_episodes, "episodes,", d3.num_frames, "frames")
 PYEOF
 ls "$D/meta/episodes/chunk-000" | sed 's/^/    meta\/episodes\/chunk-000\//'
+
+if "$LV/bin/python" -c "import rerun" 2>/dev/null; then  # optional: pip install 'rerun-sdk<0.34' into $LV
+  LD_LIBRARY_PATH="$FF:$AVLIBS:${LD_LIBRARY_PATH:-}" HF_HUB_OFFLINE=1 HF_LEROBOT_HOME="$DATA/hf" \
+    "$LV/bin/lerobot-dataset-viz" --repo-id "$REPO" --root "$D" --episode-index 4 --save 1 \
+    --output-dir "$DATA/viz" --num-workers 0 > "$DATA/viz.log" 2>&1 || { tail -20 "$DATA/viz.log"; exit 1; }
+  echo "  lerobot-dataset-viz wrote $(ls "$DATA/viz") ($(du -k "$DATA/viz"/*.rrd | cut -f1) KiB) for an AV1 episode"
+  LD_LIBRARY_PATH="$FF:$AVLIBS:${LD_LIBRARY_PATH:-}" HF_HUB_OFFLINE=1 HF_LEROBOT_HOME="$DATA/hf" \
+    "$LV/bin/lerobot-dataset-viz" --repo-id "$REPO" --root "$D" --episode-index 0 --save 1 \
+    --output-dir "$DATA/viz0" --num-workers 0 > "$DATA/viz.log" 2>&1 || { tail -20 "$DATA/viz.log"; exit 1; }
+  echo "  lerobot-dataset-viz wrote $(ls "$DATA/viz0") ($(du -k "$DATA/viz0"/*.rrd | cut -f1) KiB) for one of ours (H.264 4:4:4)"
+else
+  echo "  (lerobot-dataset-viz skipped: rerun-sdk is not installed in $LV)"
+fi
 
 echo "[check_lerobot] 3. our reader, validator and writer on LeRobot's append"
 carp - "$D" <<'PYEOF'
