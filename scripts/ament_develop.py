@@ -38,8 +38,19 @@ def main(venv: str) -> int:
         share = prefix / "share" / pkg
         link(src / "package.xml", share / "package.xml")
         for sub in ("launch", "config"):
+            # real folders of per-file links: `ros2 launch` finds files with os.walk, which does
+            # not follow a linked folder
+            dst = share / sub
+            if dst.is_symlink():
+                dst.unlink()
+            if dst.is_dir():
+                for old in dst.iterdir():
+                    if old.is_symlink() and not old.exists():
+                        old.unlink()
             if (src / sub).is_dir():
-                link(src / sub, share / sub)
+                for f in sorted((src / sub).iterdir()):
+                    if f.is_file():
+                        link(f, dst / f.name)
         lib = prefix / "lib" / pkg
         lib.mkdir(parents=True, exist_ok=True)
         for ep in distribution(pkg).entry_points:

@@ -15,6 +15,8 @@ stamp_input() {
 }
 want=$(stamp_input | sha256sum | cut -d' ' -f1)
 if [ -f "$VENV/.carp-stamp" ] && [ "$(cat "$VENV/.carp-stamp")" = "$want" ]; then
+  # the ament layout links follow the tree (a new launch/ or config/ folder): refresh them, quietly
+  "$VENV/bin/python" scripts/ament_develop.py "$VENV" > /dev/null
   exit 0
 fi
 

@@ -117,3 +117,19 @@ def test_carp_launch_exits_cleanly_on_ctrl_c(tmp_path):
             proc.kill()
     assert proc.returncode == 0, "".join(lines) + rest
     assert "did not stop" not in rest
+
+
+def test_ros2_launch_cli_finds_the_launch_files_and_their_arguments(tmp_path):
+    """The real `ros2 launch` (where ../shared/ros2-launch installed it) resolves the package's share
+    directory from the venv's ament layout and lists every declared argument."""
+    ros2 = Path(sys.executable).parent / "ros2"
+    if not ros2.exists():
+        pytest.skip("no ros2 CLI in this venv (../shared/ros2-launch not present)")
+    env = _ros_env(tmp_path)
+    env["AMENT_PREFIX_PATH"] = str(Path(sys.executable).parents[1])
+    for name in SHIPPED:
+        out = subprocess.run([str(ros2), "launch", "carp_bringup", f"{name}.launch.py", "--show-args"],
+                             env=env, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr
+        for a in nodeset.load(name).arguments:
+            assert f"'{a.name}':" in out.stdout and a.description in out.stdout
