@@ -7,6 +7,20 @@ from carp_hardware.cameras.realsense import RealSenseCamera, RealSenseConfig, li
 from carp_hardware.cameras.sim import SimCamera, mujoco_camera_info
 from carp_hardware.cameras.uvc import UVCCamera, UVCConfig
 
-__all__ = ["Camera", "CameraConfig", "CameraError", "CameraInfo", "ClockMapper", "RealSenseCamera",
-           "RealSenseConfig", "SimCamera", "ThreadedCamera", "UVCCamera", "UVCConfig", "list_serials",
-           "load_camera_info", "make_camera", "mujoco_camera_info"]  # fmt: skip
+__all__ = [
+    "Camera",
+    "CameraConfig",
+    "CameraError",
+    "CameraInfo",
+    "ClockMapper",
+    "RealSenseCamera",
+    "RealSenseConfig",
+    "SimCamera",
+    "ThreadedCamera",
+    "UVCCamera",
+    "UVCConfig",
+    "list_serials",
+    "load_camera_info",
+    "make_camera",
+    "mujoco_camera_info",
+]

@@ -137,8 +137,11 @@ class FakeRealSense:
 
             def get_stream(self, stream_type):
                 dev = self.dev
-                return SimpleNamespace(as_video_stream_profile=lambda: SimpleNamespace(
-                    get_intrinsics=lambda: _Intrinsics(dev.width, dev.height)))  # fmt: skip
+                return SimpleNamespace(
+                    as_video_stream_profile=lambda: SimpleNamespace(
+                        get_intrinsics=lambda: _Intrinsics(dev.width, dev.height)
+                    )
+                )
 
         class _Frame:
             def __init__(self, t_ms: float, data: np.ndarray) -> None:

@@ -52,8 +52,9 @@ def _import_rs():
 class RealSenseCamera(ThreadedCamera):
     """A RealSense colour (+ aligned depth) stream in its own thread."""
 
-    def __init__(self, name: str, config: RealSenseConfig, rs=None, clock: HostClock = time.monotonic,
-                 **kw) -> None:  # fmt: skip
+    def __init__(
+        self, name: str, config: RealSenseConfig, rs=None, clock: HostClock = time.monotonic, **kw
+    ) -> None:
         if not config.serial:
             raise ValueError(f"camera '{name}': a RealSense camera needs its serial number")
         super().__init__(name, grab_timeout_s=config.timeout_ms / 1e3, clock=clock, **kw)
@@ -147,5 +148,9 @@ class RealSenseCamera(ThreadedCamera):
         return self._info
 
     def status(self) -> dict:
-        return {**super().status(), "serial": self.config.serial, "clock_offset_s": self._map.offset,
-                "timestamp_domain": self.timestamp_domain}  # fmt: skip
+        return {
+            **super().status(),
+            "serial": self.config.serial,
+            "clock_offset_s": self._map.offset,
+            "timestamp_domain": self.timestamp_domain,
+        }

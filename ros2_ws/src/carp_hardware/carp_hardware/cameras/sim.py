@@ -34,9 +34,18 @@ def mujoco_camera_info(model, camera: str, height: int, width: int) -> CameraInf
 class SimCamera(ThreadedCamera):
     """Renders camera ``camera`` of a MuJoCo model at ``fps`` on the host clock."""
 
-    def __init__(self, name: str, model, data, lock: threading.Lock, size: tuple[int, int] = (120, 160),
-                 fps: float = 30.0, camera: str | None = None, clock: HostClock = time.monotonic,
-                 **kw) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        model,
+        data,
+        lock: threading.Lock,
+        size: tuple[int, int] = (120, 160),
+        fps: float = 30.0,
+        camera: str | None = None,
+        clock: HostClock = time.monotonic,
+        **kw,
+    ) -> None:
         super().__init__(name, clock=clock, **kw)
         self.model, self.data, self.world_lock = model, data, lock
         self.size = (int(size[0]), int(size[1]))
@@ -45,6 +54,9 @@ class SimCamera(ThreadedCamera):
         self._renderer = None
         self._next = 0.0
         self.paused = False  # tests: True stops delivering frames (a stalled camera)
+        self._key: tuple | None = None
+        self._image: np.ndarray | None = None
+        self.renders = 0
 
     def _open(self) -> None:
         self.model.cam(self.camera)  # raises KeyError naming a camera the model lacks
@@ -65,8 +77,17 @@ class SimCamera(ThreadedCamera):
             return None
         with self.world_lock:
             t = self.clock()
-            self._renderer.update_scene(self.data, camera=self.camera)
-        return t, self._renderer.render().copy()
+            key = (float(self.data.time), self.data.qpos.tobytes())
+            if key != self._key:
+                self._renderer.update_scene(self.data, camera=self.camera)
+        # The twin's world moves in control steps and stands still between them: a frame of an
+        # unchanged world is the previous image, stamped now (it is what the camera would see).
+        # Rendering only on change keeps 30 fps of fresh stamps at a third of the CPU.
+        if key != self._key or self._image is None:
+            self._image = self._renderer.render().copy()
+            self._key = key
+            self.renders += 1
+        return t, self._image
 
     def _close(self) -> None:
         """Nothing to release here: the grab thread closes its own renderer when it ends."""

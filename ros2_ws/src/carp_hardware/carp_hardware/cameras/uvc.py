@@ -34,8 +34,15 @@ class UVCConfig:
 class UVCCamera(ThreadedCamera):
     """A UVC colour stream in its own thread (OpenCV ``VideoCapture`` with ``CAP_V4L2``)."""
 
-    def __init__(self, name: str, config: UVCConfig, cv2=None, clock: HostClock = time.monotonic,
-                 info: CameraInfo | None = None, **kw) -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        config: UVCConfig,
+        cv2=None,
+        clock: HostClock = time.monotonic,
+        info: CameraInfo | None = None,
+        **kw,
+    ) -> None:
         super().__init__(name, clock=clock, **kw)
         self.config = config
         if cv2 is None:
