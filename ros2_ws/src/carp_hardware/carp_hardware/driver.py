@@ -363,6 +363,12 @@ class ArmDriver:
             self.state, self.reason = DriverState.IDLE, None
             return did
 
+    def resync(self) -> None:
+        """Forget the path and restart from the measured pose (the arm was moved under the driver,
+        e.g. the twin teleported it); the state is kept."""
+        with self._lock:
+            self._seed(self.arm.state())
+
     def home(self) -> None:
         """Blocking joint move to ``config.home_q`` (moveJ); only when not streaming. Ends IDLE."""
         with self._lock:
@@ -703,6 +709,7 @@ class ArmDriver:
         self._q_cmd = np.asarray(st.q, dtype=np.float64).copy()
         self._pose_cmd = np.asarray(st.tcp, dtype=np.float64).copy()
         self._path = None
+        self._grip_sent, self._grip_sent_t = None, -math.inf  # the clock may have restarted (the twin)
         if self.gripper is not None:
             self._grip_cmd = float(self.gripper.state().target)
 

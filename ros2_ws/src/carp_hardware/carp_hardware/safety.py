@@ -40,7 +40,7 @@ class SafetyLimits:
     # the TCP) stay above the table top (z = 0); the top stays below an arm stretched upwards.
     workspace_min: tuple[float, float, float] = (-0.85, -0.50, 0.015)
     workspace_max: tuple[float, float, float] = (-0.15, 0.50, 0.55)
-    max_tcp_speed: float = 1.0  # m/s (UR5e typical max TCP speed ~1 m/s; its default safety limit 1.5)
+    max_tcp_speed: float = 1.5  # m/s: the UR5e factory safety default (normal mode); lower it near people
     max_tcp_angular_speed: float = 3.0  # rad/s
     # Between chunk steps (see module doc), m/s^2 and rad/s^2.
     max_tcp_acceleration: float = 25.0
