@@ -60,6 +60,9 @@ class EvalConfig:
     seed: int = 10_000  # trial i uses seed + i; keep it away from the data-collection seeds
     execute_steps: int = 8  # of the 16 predicted steps, execute this many, then re-plan
     account_latency: bool = True  # let sim time pass while the policy computes
+    # s: let this much sim time pass per chunk instead of the measured inference time (the same
+    # rollouts on a loaded machine as on an idle one); None = the measured time
+    sim_latency_s: float | None = None
     videos: int = 2  # rollout MP4s for the first N trials
     # shift ensemble (carp_policy.config.EnsembleConfig): None runs the model's own setting
     ensemble_grid: int | None = None
@@ -124,8 +127,8 @@ def run_trial(
         latency = time.perf_counter() - t0
         latencies.append(latency * 1e3)
         plans += 1
-        if cfg.account_latency:
-            cell.hold(latency)  # the driver runs on: the arm holds at the end of the last chunk
+        if cfg.account_latency:  # the driver runs on: the arm holds at the end of the last chunk
+            cell.hold(latency if cfg.sim_latency_s is None else cfg.sim_latency_s)
         result = cell.submit_chunk(chunk)
         if not result.accepted:  # refused whole (stale, unsafe): the arm stopped; re-plan
             refused += 1
@@ -179,7 +182,7 @@ def _run_trial_stepwise(
         latencies.append(latency * 1e3)
         plans += 1
         if cfg.account_latency:
-            cell.hold(latency)
+            cell.hold(latency if cfg.sim_latency_s is None else cfg.sim_latency_s)
         # Latency compensation: steps meant for a time that has already passed are dropped.
         first = int(np.searchsorted(chunk.step_times(), cell.time + 1e-9))
         todo = chunk.actions[first : first + cfg.execute_steps]
@@ -413,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-latency", action="store_true", help="freeze sim time during inference (debugging only)"
     )
+    p.add_argument(
+        "--sim-latency-ms",
+        type=float,
+        help="let this much sim time pass per chunk instead of the measured inference time "
+        "(reproducible rollouts on a loaded machine)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -426,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
         execute_steps=a.execute_steps,
         account_latency=not a.no_latency,
+        sim_latency_s=None if a.sim_latency_ms is None else a.sim_latency_ms / 1e3,
         videos=a.videos,
         ensemble_grid=a.ensemble_grid,
         ensemble_radius=a.ensemble_radius,

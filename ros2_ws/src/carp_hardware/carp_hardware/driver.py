@@ -529,7 +529,7 @@ class ArmDriver:
             k = len(q_path)
             if k:
                 self._send_gripper(ts[0])
-                if not self.arm.servo(q_path, self.dt):
+                if not self.arm.servo(q_path, self.dt, self._pose_cache[:k]):
                     st = self.arm.state()
                     self._fault(
                         st.fault() or "command_refused",

@@ -70,8 +70,9 @@ class Arm(Protocol):
         """The current reading (never blocks for long; a dead link shows as ``connected=False``)."""
         ...
 
-    def servo(self, q: np.ndarray, dt: float) -> bool:
-        """Stream joint targets (N, 6), one per ``dt`` s; False if the hardware refused a command."""
+    def servo(self, q: np.ndarray, dt: float, poses: np.ndarray | None = None) -> bool:
+        """Stream joint targets (N, 6), one per ``dt`` s; False if the hardware refused a command.
+        ``poses`` (N, 4, 4) are the TCP poses they solve (for a backend that streams poses, servoL)."""
         ...
 
     def idle(self, n: int, dt: float) -> None:

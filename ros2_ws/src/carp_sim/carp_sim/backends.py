@@ -77,7 +77,7 @@ class SimArm:
         if self._wall_next > now:
             time.sleep(self._wall_next - now)
 
-    def servo(self, q: np.ndarray, dt: float) -> bool:
+    def servo(self, q: np.ndarray, dt: float, poses: np.ndarray | None = None) -> bool:
         """Each row of ``q`` (N, 6) is the joint target reached at the end of one ``dt`` of physics."""
         q = ensure_joint_path(q)
         n, m, d = self._steps(dt), self.cell.model, self.cell.data
