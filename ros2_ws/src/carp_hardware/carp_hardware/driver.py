@@ -44,6 +44,7 @@ import math
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -206,23 +207,43 @@ class Executor(Protocol):
     replaces the future; temporal ensembling (ACT) or Chain-of-Action's reverse temporal ensemble
     are one class each that also look at earlier chunks)."""
 
-    def plan(self, chunk: ActionChunk, now: float, pose: np.ndarray, gripper: float) -> Plan: ...
+    def plan(
+        self,
+        chunk: ActionChunk,
+        now: float,
+        pose: np.ndarray,
+        gripper: float,
+        reach_time: Callable[[np.ndarray], float] | None = None,
+    ) -> Plan:
+        """``pose``/``gripper``: the commanded state at ``now``; ``reach_time(pose)``: the shortest
+        time in which the arm can get from there to a TCP pose (4, 4) within the limits."""
+        ...
 
 
 @dataclass
 class ReplaceExecutor:
     """Execute the chunk's first ``execute_steps`` steps from now on, replacing whatever was left.
 
-    Steps whose time is not at least ``blend_s`` ahead of ``now`` are dropped; the path starts at
-    the commanded pose ``pose`` at ``now`` (no jump) and reaches the first kept step at its time.
+    Steps whose time is not at least ``blend_s`` ahead of ``now`` are dropped, and so are steps the
+    arm cannot reach by their time within the limits (``reach_time``: a late plan asks the entry
+    segment to cover one step in less than a control period); the path starts at the commanded
+    pose at ``now`` (no jump) and reaches the first kept step at its time. Nothing is clipped or
+    retimed: a step is either executed at its time or dropped (and counted).
     """
 
     execute_steps: int = 8
     blend_s: float = 0.05
 
-    def plan(self, chunk: ActionChunk, now: float, pose: np.ndarray, gripper: float) -> Plan:
+    def plan(self, chunk, now, pose, gripper, reach_time=None) -> Plan:
         times = chunk.step_times()[: self.execute_steps]
         first = int(np.searchsorted(times, now + max(self.blend_s, 1e-9), side="left"))
+        if reach_time is not None:
+            mats = rot6d_to_matrix(chunk.actions[first : self.execute_steps, 3:9])
+            while first < len(times) - 1:  # the last step is kept: its refusal names the problem
+                target = pose_matrix(chunk.actions[first, :3], mats[0])
+                if now + reach_time(target) <= times[first]:
+                    break
+                first, mats = first + 1, mats[1:]
         acts = chunk.actions[first : self.execute_steps]
         if len(acts) == 0:
             return Plan(None, dropped=first, kept=0)
@@ -319,6 +340,7 @@ class ArmDriver:
         self._path: Path | None = None
         self._diag = {k: _Stats() for k in ("obs_age_s", "inference_s", "lead_s", "tracking_error_m")}
         self._last_state: ArmState | None = None
+        self.last_recovery: str | None = None  # what the last acknowledge() did
 
     # ------------------------------------------------------------------ state machine
     def enable(self) -> None:
@@ -361,6 +383,7 @@ class ArmDriver:
                 raise DriverError(f"still faulted after recovery: {st.fault()}")
             self._seed(st)
             self.state, self.reason = DriverState.IDLE, None
+            self.last_recovery = did
             return did
 
     def resync(self) -> None:
@@ -415,7 +438,7 @@ class ArmDriver:
             if r is not None:
                 return self._refuse_cmd(Refusal(r.reason, r.message, now))
             try:
-                plan = self.executor.plan(chunk, now, self._pose_at(now), self._grip_cmd)
+                plan = self.executor.plan(chunk, now, self._pose_at(now), self._grip_cmd, self._reach_time)
             except ValueError as e:  # a degenerate rotation6d
                 return self._refuse_cmd(Refusal("bad_rotation", f"chunk: {e}", now))
             if plan.path is None:
@@ -536,7 +559,6 @@ class ArmDriver:
                         f"servo command refused by the controller ({st.fault() or 'returned False'})",
                     )
                     return
-                self.arm.kick_watchdog()
                 self._q_cmd = q_path[-1]
                 self._pose_cmd = self._pose_cache[k - 1]
                 self.ticks += k
@@ -677,6 +699,23 @@ class ArmDriver:
         lead = plan.first_step_time - now
         self._diag["lead_s"].add(lead)
         return ChunkResult(True, None, plan.dropped, plan.kept, lead, path.end)
+
+    def _reach_time(self, target: np.ndarray, margin: float = 0.8) -> float:
+        """Shortest time (s) from the commanded state to TCP ``target`` (4, 4) on the driver's
+        straight-line path with every speed at ``margin`` of its limit (TCP linear and angular,
+        joints by the closed-form IK); inf if it has no IK solution."""
+        lim, cur = self.limits, self._pose_cmd
+        lin = float(np.linalg.norm(target[:3, 3] - cur[:3, 3])) / lim.max_tcp_speed
+        ang = (
+            float(Rotation.from_matrix(cur[:3, :3].T @ target[:3, :3]).magnitude())
+            / lim.max_tcp_angular_speed
+        )
+        try:
+            q = ik_nearest(target, self._q_cmd, limits=lim.joint_limits)
+        except IKError:
+            return math.inf
+        joint = float(np.abs(q - self._q_cmd).max()) / lim.max_joint_speed
+        return max(lin, ang, joint) / margin
 
     def _check_reachable(self, pos: np.ndarray, mats: np.ndarray) -> Refusal | None:
         """Every waypoint has a closed-form IK solution inside the joint limits (chained from the

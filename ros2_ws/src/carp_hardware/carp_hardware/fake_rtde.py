@@ -119,8 +119,14 @@ def _pose(x) -> np.ndarray:
 class FakeRTDEControlInterface:
     """ur_rtde ``RTDEControlInterface`` (the calls carp uses, same signatures)."""
 
-    def __init__(self, hostname: str, frequency: float = -1.0, flags: int = 1, ur_cap_port: int = 50002,
-                 rt_priority: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        hostname: str,
+        frequency: float = -1.0,
+        flags: int = 1,
+        ur_cap_port: int = 50002,
+        rt_priority: int = 0,
+    ) -> None:
         self.ur = FakeUR.get(hostname)
         if not self.ur.connected:
             raise RuntimeError(f"fake ur_rtde: cannot connect to {hostname}")
@@ -130,11 +136,11 @@ class FakeRTDEControlInterface:
         self._period = 1.0 / self.ur.frequency
         self._wall = time.perf_counter()
 
-    def initPeriod(self) -> datetime.timedelta:  # noqa: N802 - ur_rtde's names
+    def initPeriod(self) -> datetime.timedelta:
         self._start = time.perf_counter()
         return datetime.timedelta(seconds=self._start)
 
-    def waitPeriod(self, t_cycle_start: datetime.timedelta, /) -> None:  # noqa: N802
+    def waitPeriod(self, t_cycle_start: datetime.timedelta, /) -> None:
         self.ur.t += self._period
         if self.ur.realtime:
             end = t_cycle_start.total_seconds() + self._period
@@ -144,14 +150,14 @@ class FakeRTDEControlInterface:
             while time.perf_counter() < end:
                 pass
 
-    def servoJ(self, q, speed, acceleration, time, lookahead_time, gain, /) -> bool:  # noqa: N802, A002
+    def servoJ(self, q, speed, acceleration, time, lookahead_time, gain, /) -> bool:
         self.ur.record("servoJ", list(q), speed, acceleration, time, lookahead_time, gain)
         if not self.ur.commandable("servoJ"):
             return False
         self.ur.q, self.ur.servoing = np.asarray(q, float), True
         return True
 
-    def servoL(self, pose, speed, acceleration, time, lookahead_time, gain, /) -> bool:  # noqa: N802, A002
+    def servoL(self, pose, speed, acceleration, time, lookahead_time, gain, /) -> bool:
         self.ur.record("servoL", list(pose), speed, acceleration, time, lookahead_time, gain)
         if not self.ur.commandable("servoL"):
             return False
@@ -162,13 +168,13 @@ class FakeRTDEControlInterface:
         self.ur.servoing = True
         return True
 
-    def servoStop(self, a: float = 10.0) -> bool:  # noqa: N802
+    def servoStop(self, a: float = 10.0) -> bool:
         self.ur.record("servoStop", a)
         ok = self.ur.commandable("servoStop")
         self.ur.servoing = False
         return ok
 
-    def moveJ(self, q, speed: float = 1.05, acceleration: float = 1.4, asynchronous: bool = False) -> bool:  # noqa: N802
+    def moveJ(self, q, speed: float = 1.05, acceleration: float = 1.4, asynchronous: bool = False) -> bool:
         """Both overloads: a joint vector, or a path of [q..., speed, acceleration, blend] rows."""
         self.ur.record("moveJ", list(q), speed, acceleration, asynchronous)
         if not self.ur.commandable("moveJ"):
@@ -177,8 +183,9 @@ class FakeRTDEControlInterface:
         self.ur.q = q[-1, :6] if q.ndim == 2 else q
         return True
 
-    def getInverseKinematics(self, x, qnear=(), max_position_error: float = 1e-10,  # noqa: N802
-                             max_orientation_error: float = 1e-10) -> list[float]:  # fmt: skip
+    def getInverseKinematics(
+        self, x, qnear=(), max_position_error: float = 1e-10, max_orientation_error: float = 1e-10
+    ) -> list[float]:
         self.ur.record("getInverseKinematics", list(x), list(qnear))
         if not self.ur.commandable("getInverseKinematics"):
             raise RuntimeError(NOT_RUNNING)
@@ -187,56 +194,57 @@ class FakeRTDEControlInterface:
         except IKError:
             return []
 
-    def getInverseKinematicsHasSolution(self, x, qnear=(), max_position_error: float = 1e-10,  # noqa: N802
-                                        max_orientation_error: float = 1e-10) -> bool:  # fmt: skip
+    def getInverseKinematicsHasSolution(
+        self, x, qnear=(), max_position_error: float = 1e-10, max_orientation_error: float = 1e-10
+    ) -> bool:
         self.ur.record("getInverseKinematicsHasSolution", list(x))
         return len(self.getInverseKinematics(x, qnear)) == 6
 
-    def isPoseWithinSafetyLimits(self, pose, /) -> bool:  # noqa: N802
+    def isPoseWithinSafetyLimits(self, pose, /) -> bool:
         self.ur.record("isPoseWithinSafetyLimits", list(pose))
         lo, hi = self.ur.safety_box
         return bool(np.all(np.asarray(pose[:3]) >= lo) and np.all(np.asarray(pose[:3]) <= hi))
 
-    def setWatchdog(self, min_frequency: float = 10.0) -> bool:  # noqa: N802
+    def setWatchdog(self, min_frequency: float = 10.0) -> bool:
         self.ur.record("setWatchdog", min_frequency)
         if not self.ur.commandable("setWatchdog"):
             return False
         self.ur.watchdog_period, self.ur.last_kick = 1.0 / min_frequency, self.ur.t
         return True
 
-    def kickWatchdog(self) -> bool:  # noqa: N802
+    def kickWatchdog(self) -> bool:
         self.ur.record("kickWatchdog")
         if not self.ur.commandable("kickWatchdog"):
             return False
         self.ur.last_kick = self.ur.t
         return True
 
-    def isConnected(self) -> bool:  # noqa: N802
+    def isConnected(self) -> bool:
         return self.ur.connected
 
     def reconnect(self) -> bool:
         self.ur.record("reconnect")
         return self.ur.connected
 
-    def isProgramRunning(self) -> bool:  # noqa: N802
+    def isProgramRunning(self) -> bool:
         self.ur._watchdog()
         return self.ur.connected and self.ur.script_running
 
-    def reuploadScript(self) -> bool:  # noqa: N802
+    def reuploadScript(self) -> bool:
         self.ur.record("reuploadScript")
         if not self.ur.connected or self.ur.protective or self.ur.estop or not self.ur.remote_control:
             return False
         self.ur.script_running, self.ur.last_kick = True, self.ur.t
         return True
 
-    def stopScript(self) -> None:  # noqa: N802
+    def stopScript(self) -> None:
         self.ur.record("stopScript")
         self.ur.script_running = False
 
     def disconnect(self) -> None:
         self.ur.record("disconnect")
 
-    def triggerProtectiveStop(self) -> bool:  # noqa: N802
+    def triggerProtectiveStop(self) -> bool:
         self.ur.record("triggerProtectiveStop")
         self.ur.protective_stop()
         return True
@@ -245,8 +253,15 @@ class FakeRTDEControlInterface:
 class FakeRTDEReceiveInterface:
     """ur_rtde ``RTDEReceiveInterface`` (the calls carp uses, same signatures)."""
 
-    def __init__(self, hostname: str, frequency: float = -1.0, variables=(), verbose: bool = False,
-                 use_upper_range_registers: bool = False, rt_priority: int = 0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        hostname: str,
+        frequency: float = -1.0,
+        variables=(),
+        verbose: bool = False,
+        use_upper_range_registers: bool = False,
+        rt_priority: int = 0,
+    ) -> None:
         self.ur = FakeUR.get(hostname)
         if not self.ur.connected:
             raise RuntimeError(f"fake ur_rtde: cannot connect to {hostname}")
@@ -255,42 +270,42 @@ class FakeRTDEReceiveInterface:
         if not self.ur.connected:
             raise RuntimeError("fake ur_rtde: RTDE receive connection lost")
 
-    def getActualQ(self) -> list[float]:  # noqa: N802
+    def getActualQ(self) -> list[float]:
         self._alive()
         return list(self.ur.q)
 
-    def getActualTCPPose(self) -> list[float]:  # noqa: N802
+    def getActualTCPPose(self) -> list[float]:
         self._alive()
         return self.ur.tcp()
 
-    def getTargetQ(self) -> list[float]:  # noqa: N802
+    def getTargetQ(self) -> list[float]:
         return self.getActualQ()
 
-    def getActualTCPSpeed(self) -> list[float]:  # noqa: N802
+    def getActualTCPSpeed(self) -> list[float]:
         return [0.0] * 6
 
-    def getSafetyMode(self) -> int:  # noqa: N802
+    def getSafetyMode(self) -> int:
         self._alive()
         return 7 if self.ur.estop else 3 if self.ur.protective else 1
 
-    def getRobotMode(self) -> int:  # noqa: N802
+    def getRobotMode(self) -> int:
         return 7
 
-    def isProtectiveStopped(self) -> bool:  # noqa: N802
+    def isProtectiveStopped(self) -> bool:
         self._alive()
         return self.ur.protective
 
-    def isEmergencyStopped(self) -> bool:  # noqa: N802
+    def isEmergencyStopped(self) -> bool:
         self._alive()
         return self.ur.estop
 
-    def isConnected(self) -> bool:  # noqa: N802
+    def isConnected(self) -> bool:
         return self.ur.connected
 
     def reconnect(self) -> bool:
         return self.ur.connected
 
-    def getTimestamp(self) -> float:  # noqa: N802
+    def getTimestamp(self) -> float:
         return self.ur.t
 
     def disconnect(self) -> None:
@@ -310,17 +325,17 @@ class FakeDashboardClient:
             raise RuntimeError("fake dashboard: cannot connect")
         self._connected = True
 
-    def isConnected(self) -> bool:  # noqa: N802
+    def isConnected(self) -> bool:
         return self._connected and self.ur.connected
 
-    def closeSafetyPopup(self) -> None:  # noqa: N802
+    def closeSafetyPopup(self) -> None:
         self.ur.record("closeSafetyPopup")
 
-    def unlockProtectiveStop(self) -> None:  # noqa: N802
+    def unlockProtectiveStop(self) -> None:
         self.ur.record("unlockProtectiveStop")
         self.ur.protective = False
 
-    def isInRemoteControl(self) -> bool:  # noqa: N802
+    def isInRemoteControl(self) -> bool:
         return self.ur.remote_control
 
     def safetymode(self) -> str:

@@ -53,8 +53,9 @@ class Arm(Protocol):
     """A 6-joint arm streamed with joint targets at a fixed servo period.
 
     ``servo(q, dt)`` streams the rows of ``q`` (N, 6) one per servo period ``dt``; on the robot each
-    row is one ``servoJ`` inside ``initPeriod()/waitPeriod()`` (so the call paces the loop), in the
-    twin each row is ``dt`` of physics. Returns False as soon as a command is refused by the
+    row is one ``servoJ`` inside ``initPeriod()/waitPeriod()`` (so the call paces the loop, and
+    it feeds the controller-side watchdog every period, as ``idle`` does), in the twin each row is
+    ``dt`` of physics. Returns False as soon as a command is refused by the
     hardware (the rest is not sent).
     """
 

@@ -49,7 +49,7 @@ class SafetyLimits:
     joint_min: tuple[float, ...] = tuple(JOINT_LIMITS[:, 0])  # rad
     joint_max: tuple[float, ...] = tuple(JOINT_LIMITS[:, 1])
     # A chunk whose first future step lies this far from the commanded TCP is refused (m, rad).
-    max_start_distance: float = 0.06
+    max_start_distance: float = 0.10
     max_start_angle: float = 0.6
     max_chunk_age: float = 0.5  # s: the chunk's observation older than this on arrival = stale
     watchdog_s: float = 0.1  # s without a valid target -> decelerate and stop

@@ -45,10 +45,21 @@ from carp_hardware.kinematics import TCP_OFFSET, fk
 from carp_policy.yaml_config import load_yaml
 
 # UR safety modes (RTDE safety_mode; ur_rtde getSafetyMode)
-SAFETY_MODES = {1: "normal", 2: "reduced", 3: "protective_stop", 4: "recovery", 5: "safeguard_stop",
-                6: "system_emergency_stop", 7: "robot_emergency_stop", 8: "violation", 9: "fault",
-                10: "validate_joint_id", 11: "undefined", 12: "automatic_mode_safeguard_stop",
-                13: "system_three_position_enabling_stop"}  # fmt: skip
+SAFETY_MODES = {
+    1: "normal",
+    2: "reduced",
+    3: "protective_stop",
+    4: "recovery",
+    5: "safeguard_stop",
+    6: "system_emergency_stop",
+    7: "robot_emergency_stop",
+    8: "violation",
+    9: "fault",
+    10: "validate_joint_id",
+    11: "undefined",
+    12: "automatic_mode_safeguard_stop",
+    13: "system_three_position_enabling_stop",
+}
 _MOVING_OK = {1, 2}  # normal and reduced mode allow motion
 
 
@@ -134,7 +145,9 @@ class RtdeArm:
             self.d = dashboard(host)
             self.d.connect()
         if not self.c.setWatchdog(self.config.watchdog_min_hz):
-            raise RuntimeError("ur_rtde setWatchdog failed: is the control script running (remote control mode)?")
+            raise RuntimeError(
+                "ur_rtde setWatchdog failed: is the control script running (remote control mode)?"
+            )
         q, tcp = np.asarray(self.r.getActualQ(), float), ur_to_pose(self.r.getActualTCPPose())
         err = float(np.linalg.norm(fk(q)[:3, 3] - tcp[:3, 3]))
         if err > self.config.tcp_check_m:
@@ -165,15 +178,19 @@ class RtdeArm:
             tcp = ur_to_pose(self.r.getActualTCPPose())
             mode = int(self.r.getSafetyMode())
             return ArmState(
-                t=t, q=q, tcp=tcp, connected=connected,
+                t=t,
+                q=q,
+                tcp=tcp,
+                connected=connected,
                 program_running=bool(connected and self.c.isProgramRunning()),
                 protective_stop=bool(self.r.isProtectiveStopped()) or mode == 3,
                 emergency_stop=bool(self.r.isEmergencyStopped()) or mode in (6, 7),
                 safety_mode=mode,
-            )  # fmt: skip
+            )
         except RuntimeError:  # ur_rtde raises on a dead socket
-            return ArmState(t=t, q=np.full(6, np.nan), tcp=np.full((4, 4), np.nan), connected=False,
-                            program_running=False)  # fmt: skip
+            return ArmState(
+                t=t, q=np.full(6, np.nan), tcp=np.full((4, 4), np.nan), connected=False, program_running=False
+            )
 
     # ------------------------------------------------------------------ commands
     def _ok(self, name: str, result: Any) -> bool:
@@ -194,18 +211,23 @@ class RtdeArm:
                 ok = self.c.servoJ([float(x) for x in qi], 0.0, 0.0, dt, cfg.lookahead_time, cfg.gain)
             if not self._ok(cfg.command, ok):
                 return False
+            self.c.kickWatchdog()  # the loop is alive (the controller stops the arm if the PC dies)
             self.c.waitPeriod(t0)
         return True
 
     def idle(self, n: int, dt: float) -> None:
         for _ in range(max(0, n)):
-            self.c.waitPeriod(self.c.initPeriod())
+            t0 = self.c.initPeriod()
+            self.c.kickWatchdog()
+            self.c.waitPeriod(t0)
 
     def servo_stop(self) -> bool:
         return self._ok("servoStop", self.c.servoStop(self.config.servo_stop_deceleration))
 
     def move_joints(self, q: np.ndarray, speed: float, acceleration: float) -> bool:
-        return self._ok("moveJ", self.c.moveJ([float(x) for x in q], float(speed), float(acceleration), False))
+        return self._ok(
+            "moveJ", self.c.moveJ([float(x) for x in q], float(speed), float(acceleration), False)
+        )
 
     def inverse_kinematics(self, pose: np.ndarray, q_near: np.ndarray) -> np.ndarray | None:
         """The controller's IK (``getInverseKinematics``) nearest ``q_near``; None without one."""
@@ -250,7 +272,9 @@ class RtdeArm:
             did.append("reconnected control")
         if not self.c.isProgramRunning():
             if not self.c.reuploadScript():
-                raise RuntimeError("reuploadScript failed (is the robot in remote control mode, stop unlocked?)")
+                raise RuntimeError(
+                    "reuploadScript failed (is the robot in remote control mode, stop unlocked?)"
+                )
             did.append("re-uploaded the control script")
         if not self.c.setWatchdog(self.config.watchdog_min_hz):
             raise RuntimeError("setWatchdog failed after recovery")

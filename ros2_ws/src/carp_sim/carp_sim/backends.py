@@ -120,7 +120,9 @@ class SimArm:
         n = max(1, int(np.ceil(dist / (speed * dt))))
         s = np.arange(1, n + 1)[:, None] / n
         self.q_last = q0
-        return self.servo(q0 + s * (q - q0), dt)
+        ok = self.servo(q0 + s * (q - q0), dt)
+        self.idle(round(0.3 / dt), dt)  # moveJ returns when the arm is at rest
+        return ok
 
     def inverse_kinematics(self, pose: np.ndarray, q_near: np.ndarray) -> np.ndarray | None:
         try:
