@@ -19,9 +19,9 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from carp_hardware import calibration as cal
-from carp_hardware.kinematics import TCP_OFFSET, ik_nearest, pose_matrix
+from carp_hardware.kinematics import HOME_Q, TCP_OFFSET, ik_nearest, pose_matrix
 from carp_sim.cell import TABLE_CENTER, build_mjcf
-from carp_sim.tasks import HOME_Q, TaskConfig, top_down
+from carp_sim.tasks import TaskConfig, top_down
 
 MJ_TO_CV = np.diag([1.0, -1.0, -1.0])  # MuJoCo cameras look along -z with y up; OpenCV's along +z, y down
 BOARD_CENTER = (TABLE_CENTER[0], 0.05)

@@ -2,9 +2,10 @@
 
 ``TeleopArm`` is the small interface the teleop core drives: the measured state as timestamped
 streams (the TCP pose and the gripper opening, each a ``StreamBuffer`` like a camera's) and
-``command(pose, gripper, t)``, which the arm's safety limits may refuse. On the cell the driver
-(``carp_hardware``'s ArmDriver: ``command_pose`` through its ``SafetyLimits``) fills it; in the twin
-``TwinArm`` steps a ``SimCell`` through the same limits a policy's targets meet.
+``command(pose, gripper, t)``, which the arm's safety limits may refuse. Both sides go through the
+driver core (``carp_hardware.driver.ArmDriver.command_pose`` and its ``SafetyLimits``, the checks
+a policy's chunks meet): on the cell directly, in the twin through ``SimCell.step``, which runs the
+same driver over the twin's backends.
 
 Safety: a target outside the limits is refused, never clipped; the arm holds the last accepted one.
 """
@@ -13,13 +14,11 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-from scipy.spatial.transform import Rotation
 
-from carp_policy.actions import StreamBuffer, matrix_to_rot6d, pose_to_vector
+from carp_policy.actions import StreamBuffer, pose_to_vector
 
 
 @runtime_checkable
@@ -41,43 +40,9 @@ class TeleopArm(Protocol):
         ...
 
 
-@dataclass
-class TargetLimits:
-    """The checks every commanded target meets (the field names and defaults of the driver's
-    ``SafetyLimits``, which replaces this class where the driver is used)."""
-
-    workspace_min: tuple[float, float, float] = (-0.85, -0.50, 0.015)
-    workspace_max: tuple[float, float, float] = (-0.15, 0.50, 0.55)
-    max_tcp_speed: float = 1.0  # m/s between consecutive targets
-    max_tcp_angular_speed: float = 3.0  # rad/s
-    gripper_min: float = 0.0
-    gripper_max: float = 0.085
-
-    def check(self, prev: np.ndarray | None, pose: np.ndarray, gripper: float, dt: float) -> str | None:
-        """None if the target (4, 4) may be sent ``dt`` s after ``prev`` (4, 4), else why not."""
-        if not (np.all(np.isfinite(pose)) and np.isfinite(gripper)):
-            return "target is not finite"
-        p = pose[:3, 3]
-        lo, hi = np.asarray(self.workspace_min), np.asarray(self.workspace_max)
-        if np.any(p < lo) or np.any(p > hi):
-            axis = "xyz"[int(np.argmax((p < lo) | (p > hi)))]
-            where = f"({lo.tolist()}..{hi.tolist()})"
-            return f"target {np.round(p, 3).tolist()} leaves the workspace in {axis} {where}"
-        if not self.gripper_min <= gripper <= self.gripper_max:
-            return f"gripper opening {gripper:.3f} m outside {self.gripper_min}..{self.gripper_max}"
-        if prev is not None and dt > 0:
-            v = np.linalg.norm(p - prev[:3, 3]) / dt
-            if v > self.max_tcp_speed:
-                return f"target moves at {v:.2f} m/s (limit {self.max_tcp_speed})"
-            w = Rotation.from_matrix(prev[:3, :3].T @ pose[:3, :3]).magnitude() / dt
-            if w > self.max_tcp_angular_speed:
-                return f"target turns at {w:.2f} rad/s (limit {self.max_tcp_angular_speed})"
-        return None
-
-
 class TwinArm:
-    """A ``SimCell`` behind ``TeleopArm``: ``command`` steps the twin one control period (the
-    servo interpolation of the twin runs inside), then publishes the measured state on the host
+    """A ``SimCell`` behind ``TeleopArm``: ``command`` steps the twin one control period through
+    its driver (interpolation, safety limits, IK), then publishes the measured state on the host
     clock. ``lock`` is the world lock the twin's cameras render under."""
 
     name = "twin"
@@ -86,19 +51,15 @@ class TwinArm:
     def __init__(
         self,
         env,
-        limits: TargetLimits | None = None,
         lock: threading.Lock | None = None,
         clock=time.monotonic,
     ) -> None:
         self.env = env
-        self.limits = limits or TargetLimits()
         self.lock = lock or threading.Lock()
         self.clock = clock
         self.tcp_buffer = StreamBuffer("tcp_pose", 256)
         self.gripper_buffer = StreamBuffer("gripper", 256)
         self.env_buffer = StreamBuffer("env_state", 256)  # the twin's privileged scene state
-        self._last: np.ndarray | None = None
-        self._last_t: float | None = None
         self.refusals = 0
         self._pub_lock = threading.Lock()
         self.state_hz = 125.0
@@ -126,7 +87,6 @@ class TwinArm:
     def reset(self, seed: int) -> None:
         with self.lock:
             self.env.reset(seed)
-        self._last, self._last_t = None, None
         self.publish()
 
     def publish(self) -> None:
@@ -148,16 +108,15 @@ class TwinArm:
             return self.env.gripper_opening
 
     def command(self, pose: np.ndarray, gripper: float, t: float) -> str | None:
-        dt = (t - self._last_t) if self._last_t is not None else 0.0
-        why = self.limits.check(self._last, pose, gripper, dt)
-        if why is not None:
-            self.refusals += 1
-            return why
         action = pose_to_vector(pose[:3, 3], pose[:3, :3], gripper)
         with self.lock:
-            self.env.step(action)
-        self._last, self._last_t = np.array(pose, dtype=np.float64), t
+            before = self.env.ik_failures
+            self.env.step(action)  # the driver checks the target; refused, the arm holds
+            why = self.env.driver.status().reason if self.env.ik_failures > before else None
         self.publish()
+        if why is not None:
+            self.refusals += 1
+            return str(why)
         return None
 
 
@@ -171,4 +130,4 @@ def pose_from_state(tcp: np.ndarray) -> np.ndarray:
     return T
 
 
-__all__ = ["TargetLimits", "TeleopArm", "TwinArm", "matrix_to_rot6d", "pose_from_state"]
+__all__ = ["TeleopArm", "TwinArm", "pose_from_state"]
