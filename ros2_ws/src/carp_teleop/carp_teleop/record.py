@@ -183,12 +183,30 @@ def record_sim(args, cfg: RecorderConfig) -> dict:
 
 
 def record_cell(args, cfg: RecorderConfig) -> dict:
-    """The robot: cameras from --cameras, the arm through the driver's safety limits."""
+    """The robot: cameras from --cameras, the arm through the driver core (``DriverArm``)."""
+    import yaml
+
+    from carp_hardware.cameras import make_camera
+
     if not args.cameras:
         raise UserError("on the robot, --cameras CAMERAS.yaml is needed (docs/recording.md); or use --sim")
-    from carp_teleop.cell import open_cell_arm
+    if not args.cameras.exists():
+        raise FileNotFoundError(f"cameras file not found: {args.cameras}")
+    spec = yaml.safe_load(args.cameras.read_text()) or {}
+    missing = [c for c in cfg.cameras if c not in spec]
+    if missing:
+        raise UserError(f"{args.cameras} has no camera(s) {missing} (it has {sorted(spec)})")
+    cams = {c: make_camera(c, spec[c]) for c in cfg.cameras}  # checks every section before anything opens
+    try:
+        from carp_hardware.robotiq import Robotiq2F85  # noqa: F401
+    except ImportError:
+        from carp_teleop.cell import open_cell_arm
 
-    raise UserError(open_cell_arm())
+        raise UserError(open_cell_arm()) from None
+    raise UserError(
+        f"cameras {sorted(cams)} are configured; wire carp_teleop.cell.DriverArm to the cell's ArmDriver "
+        "(RtdeArm + Robotiq2F85) here to record on the robot"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -166,3 +166,36 @@ def test_teleop_drives_the_twin_through_its_limits() -> None:
     assert arm.tcp_pose()[2, 3] - z0 == pytest.approx(0.05, abs=0.004)  # 5 ticks at 0.1 m/s
     assert arm.tcp_buffer.latest().value.shape == (9,) and arm.gripper_buffer.latest().value.shape == (1,)
     env.close()
+
+
+def test_teleop_drives_the_ur5e_driver_over_the_fake_ur_rtde() -> None:
+    from carp_hardware import fake_rtde
+    from carp_hardware.driver import ArmDriver, DriverConfig
+    from carp_hardware.fake_rtde import FakeUR
+    from carp_hardware.ur_rtde_arm import RtdeArm, RtdeConfig
+    from carp_teleop.cell import DriverArm
+
+    ur = FakeUR.create("fake-ur5e-teleop", np.array([0.0, -1.75, 1.85, -1.67, -1.5708, 0.0]))
+    backend = RtdeArm(RtdeConfig(host="fake-ur5e-teleop"), factories=fake_rtde.FACTORIES)
+    backend.connect()
+
+    class Clock:
+        def now(self) -> float:
+            return ur.t
+
+    drv = ArmDriver(backend, None, SafetyLimits(), DriverConfig(ik="local", blend_s=0.0), Clock())
+    drv.enable()
+    arm = DriverArm(drv, serial="UR-TEST", clock=lambda: ur.t)
+    z0 = arm.tcp_pose()[2, 3]
+    core = TeleopCore(arm, ScriptedInput([([0, 0, 1, 0, 0, 0], ())] * 5), TeleopConfig(max_speed=0.1))
+    for _ in range(5):
+        assert core.tick(ur.t).refusal is None
+        drv.run_for(0.1)  # the servo loop (a thread on the cell)
+    drv.run_for(0.3)
+    arm.publish()
+    assert arm.tcp_pose()[2, 3] - z0 == pytest.approx(0.05, abs=0.005)
+    assert arm.tcp_buffer.latest().value.shape == (9,)
+    # a target outside the driver's workspace is refused, with its reason
+    far = arm.tcp_pose()
+    far[2, 3] = -0.2
+    assert "workspace" in arm.command(far, 0.0, ur.t)
