@@ -120,6 +120,7 @@ class Recorder:
         scene_reset: Callable[[], dict] | None = None,
         cue: Callable[[str], None] | None = None,
         episode_facts: Callable[[], dict] | None = None,
+        policy=None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """metadata: facts recorded with every episode (task, operator, serials, calibration id);
@@ -149,7 +150,29 @@ class Recorder:
         self.discarded = 0
         self.overruns = 0
         self.quit = False
-        self.human = True  # DAgger: False while a policy commands (the rollout tool sets it)
+        # DAgger: with a policy, it commands the arm until the operator moves the SpaceMouse; the
+        # operator then has the arm until the device rests for ``handback_s``, and the policy
+        # replans from there. Every frame is flagged human (1) or policy (0).
+        self.policy = policy
+        self.human = policy is None
+        self.handback_s = 1.0
+        self.execute_steps = 8
+        self._chunk = None
+        self._chunk_i = 0
+        self._idle_since: float | None = None
+        self._policy_aligner = None
+        if policy is not None:
+            self._policy_aligner = ObservationAligner(
+                state=[arm.tcp_buffer, arm.gripper_buffer],
+                cameras={c: self.cameras[c].buffer for c in policy.cameras},
+                env_state=[env_buffer] if env_buffer is not None else [],
+                config=AlignerConfig(
+                    horizon=policy.obs_horizon,
+                    dt=1.0 / config.fps,
+                    max_age=config.max_frame_age,
+                    max_skew=config.max_skew,
+                ),
+            )
         self._episode_t0 = 0.0
         self._last_warn = -np.inf
         self.tick_cpu_s: list[float] = []
@@ -213,7 +236,11 @@ class Recorder:
             elif t - self._last_warn > 5.0:
                 self.cue(f"waiting for streams: {e}")
                 self._last_warn = t
+        if self.policy is not None and not self.human:
+            self._policy_step(t)
         res = self.teleop.tick(t)
+        if self.policy is not None:
+            self._update_control(t, res.moving)
         if res.refusal and t - self._last_warn > 1.0:
             self.cue(f"target refused, the arm holds: {res.refusal}")
             self._last_warn = t
@@ -243,6 +270,36 @@ class Recorder:
         if self.sink.active and t - self._episode_t0 >= self.config.max_episode_s:
             self.save_episode(f"reached max_episode_s={self.config.max_episode_s:.0f} s")
         self.tick_cpu_s.append(time.process_time() - c0)
+
+    # ------------------------------------------------------------------ policy rollouts (DAgger)
+    def _policy_step(self, t: float) -> None:
+        """Put the policy's target for this tick into the teleop core (which sends it)."""
+        from carp_policy.actions import rot6d_to_matrix
+
+        if self._chunk is None or self._chunk_i >= min(self.execute_steps, len(self._chunk)):
+            try:
+                obs, _ = self._policy_aligner.build(t)
+            except StaleObservationError:
+                return  # the arm holds its target; the recorder's own check reports the streams
+            size = getattr(self.policy, "image_size", None) or self.config.image_size
+            obs.images = {c: np.stack([fit_image(im, size) for im in v]) for c, v in obs.images.items()}
+            self._chunk, self._chunk_i = self.policy.predict(obs), 0
+        a = self._chunk.actions[self._chunk_i]
+        self._chunk_i += 1
+        self.teleop.pose[:3, 3] = a[:3]
+        self.teleop.pose[:3, :3] = rot6d_to_matrix(a[3:9])
+        self.teleop.gripper = self.teleop.gripper_goal = float(a[9])
+
+    def _update_control(self, t: float, moving: bool) -> None:
+        if moving:
+            if not self.human:
+                self.cue("operator took over")
+            self.human, self._idle_since = True, None
+        elif self.human:
+            self._idle_since = t if self._idle_since is None else self._idle_since
+            if t - self._idle_since >= self.handback_s:
+                self.human, self._chunk = False, None
+                self.cue("handed back to the policy")
 
     def run(
         self,

@@ -27,7 +27,7 @@ LOOSE = {"max_frame_age": 0.4, "max_skew": 0.4}
 class Cell:
     """The twin with its live streams, as carp-record --sim builds it."""
 
-    def __init__(self, tmp: Path, steps: list, seed: int = 0, **cfg) -> None:
+    def __init__(self, tmp: Path, steps: list, seed: int = 0, policy=None, **cfg) -> None:
         self.cfg = RecorderConfig(**{**LOOSE, **cfg})
         self.env = SimCell("cup", SimConfig(render=False))
         self.lock = threading.Lock()
@@ -40,13 +40,28 @@ class Cell:
         self.teleop = TeleopCore(self.arm, ScriptedInput(steps), self.cfg.teleop)
         self.cams = {c: SimCamera(c, self.env.model, self.env.data, self.lock) for c in ("wrist", "scene")}
         self.out = tmp / "ds"
-        self.writer = DatasetWriter(self.out, fps=10.0, cameras={c: (120, 160) for c in self.cams},
-                                    state_names=STATE_NAMES, action_names=ACTION_NAMES,
-                                    env_state_names=ENV_STATE_NAMES)  # fmt: skip
+        self.writer = DatasetWriter(
+            self.out,
+            fps=10.0,
+            cameras={c: (120, 160) for c in self.cams},
+            state_names=STATE_NAMES,
+            action_names=ACTION_NAMES,
+            env_state_names=ENV_STATE_NAMES,
+        )
         self.cues: list[str] = []
-        self.rec = Recorder(self.cfg, self.arm, self.cams, self.teleop, self.writer, "pick up the cup",
-                            self.out, {"operator": "test", "calibration_id": "cal-x"},
-                            env_buffer=self.arm.env_buffer, cue=self.cues.append)  # fmt: skip
+        self.rec = Recorder(
+            self.cfg,
+            self.arm,
+            self.cams,
+            self.teleop,
+            self.writer,
+            "pick up the cup",
+            self.out,
+            {"operator": "test", "calibration_id": "cal-x"},
+            env_buffer=self.arm.env_buffer,
+            cue=self.cues.append,
+            policy=policy,
+        )
         self.rec.scene_facts = {"seed": seed}
 
     def __enter__(self) -> Cell:
@@ -127,3 +142,45 @@ def test_a_camera_stopping_discards_only_that_episode_and_a_full_disk_refuses_to
     assert "'wrist'" in msg and "earlier episodes are intact" in msg
     assert any("NOT RECORDING" in c and "GB free" in c for c in cell.cues)
     assert validate_dataset(cell.out).ok and len(EpisodeDataset(cell.out)) == 1
+
+
+class SideStepPolicy:
+    """Moves the TCP 1 cm along +y per step from the observed pose (sees the wrist camera)."""
+
+    obs_horizon = 1
+    cameras = ("wrist",)
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def reset(self) -> None:
+        pass
+
+    def predict(self, obs):
+        from carp_policy.actions import ActionChunk
+
+        assert obs.images["wrist"].shape == (1, 120, 160, 3)
+        self.calls += 1
+        acts = np.repeat(obs.state[-1][None], 16, axis=0)
+        acts[:, 1] += 0.01 * np.arange(1, 17)
+        return ActionChunk(acts, timestamp=obs.timestamp)
+
+
+def test_dagger_rollout_flags_policy_and_human_frames(tmp_path: Path) -> None:
+    push = ([0.0, 0.0, 0.6, 0.0, 0.0, 0.0], (0, 0))
+    steps = [IDLE, *CLICK_RECORD, *[IDLE] * 10, *[push] * 5, *[IDLE] * 16, *CLICK_RECORD, IDLE]
+    policy = SideStepPolicy()
+    with Cell(tmp_path, steps, policy=policy) as cell:
+        summary = cell.rec.run(max_episodes=1, duration_s=6.0)
+    assert summary["saved"] == [0], cell.cues
+    ep = EpisodeDataset(cell.out).episode(0)
+    flags = np.array(ep.metadata["intervention"])
+    # policy, then the operator's push (and the rest before the hand-back), then the policy again
+    first_human, last_human = np.flatnonzero(flags)[[0, -1]]
+    assert flags[0] == 0 and flags[-1] == 0 and first_human > 3
+    assert np.all(flags[first_human : last_human + 1] == 1) and last_human - first_human >= 9
+    assert "operator took over" in cell.cues and "handed back to the policy" in cell.cues
+    assert policy.calls >= 2
+    y = ep.action[:first_human, 1]
+    assert np.all(np.diff(y) > 0.005)  # the policy's side steps were commanded
+    assert ep.state[last_human, 2] - ep.state[first_human - 1, 2] > 0.01  # the operator lifted it
