@@ -36,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="spacemouse",
         help="operator input; scripted: a SpaceMouse driven by the twin's expert (--sim)",
     )
+    ap.add_argument(
+        "--policy",
+        help="DAgger: a policy (run dir, exported or released model) commands the arm; move the "
+        "SpaceMouse to take over, let it rest to hand back; each frame is flagged policy or human",
+    )
     ap.add_argument("--config", type=Path, help="recorder YAML (RecorderConfig fields)")
     ap.add_argument("--cameras", type=Path, help="cameras YAML (the cell; see carp_hardware.cameras)")
     ap.add_argument("--calibration", type=Path, help="calibration YAML whose id is recorded (calibration/)")
@@ -118,6 +123,14 @@ def record_sim(args, cfg: RecorderConfig) -> dict:
 
         operator = ExpertOperator(env, lock, teleop, hid, spec)
         operator.reset(seed[0])
+    policy = None
+    if args.policy:
+        from carp_policy import load_policy
+
+        policy = load_policy(args.policy, device="cpu")
+        meta_policy = {"policy": args.policy}
+    else:
+        meta_policy = {}
     cams = {c: SimCamera(c, env.model, env.data, lock, size=tuple(cfg.image_size)) for c in cfg.cameras}
     writer = DatasetWriter(
         args.out,
@@ -149,6 +162,7 @@ def record_sim(args, cfg: RecorderConfig) -> dict:
         "camera_serials": {c: "twin" for c in cams},
         "sim": True,
         "input": args.input,
+        **meta_policy,
     }
     try:
         arm.start()
@@ -166,6 +180,7 @@ def record_sim(args, cfg: RecorderConfig) -> dict:
             env_buffer=arm.env_buffer,
             scene_reset=next_scene,
             episode_facts=outcome,
+            policy=policy,
         )
         rec.scene_facts = {"seed": seed[0]}
         if operator is not None:

@@ -219,6 +219,9 @@ class Recorder:
         self._next_scene()
 
     def _next_scene(self) -> None:
+        if self.policy is not None:  # a new rollout: the policy starts it
+            self.policy.reset()
+            self.human, self._chunk, self._idle_since = False, None, None
         if self.scene_reset is not None:
             self.scene_facts = self.scene_reset() or {}
             self.teleop.reseed()
