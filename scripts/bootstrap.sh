@@ -20,6 +20,19 @@ if [ -f "$VENV/.carp-stamp" ] && [ "$(cat "$VENV/.carp-stamp")" = "$want" ]; the
   exit 0
 fi
 
+# Shared libraries of the device wheels: pyrealsense2 loads libusb, pyspacemouse (easyhid) hidapi.
+APT_PKGS=(libusb-1.0-0 libhidapi-hidraw0 libhidapi-libusb0)
+missing=()
+for p in "${APT_PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "[bootstrap] apt-get install ${missing[*]}"
+    apt-get install -y -qq "${missing[@]}" || { apt-get update -qq && apt-get install -y -qq "${missing[@]}"; }
+  else
+    echo "[bootstrap] warning: missing apt packages ${missing[*]} (sudo apt-get install ${missing[*]}); cameras and the SpaceMouse need them" >&2
+  fi
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[bootstrap] creating $VENV"
   "$PY" -m venv "$VENV"

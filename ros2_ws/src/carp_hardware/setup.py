@@ -6,10 +6,14 @@ setup(
     name=package_name,
     version="0.1.0",
     packages=find_packages(exclude=["test"]),
-    package_data={},
+    package_data={"carp_hardware": ["config/*.yaml"]},
     data_files=[
         ("share/ament_index/resource_index/packages", ["resource/" + package_name]),
         ("share/" + package_name, ["package.xml"]),
+        (
+            "share/" + package_name + "/config",
+            ["carp_hardware/config/ur5e_limits.yaml", "carp_hardware/config/driver.yaml"],
+        ),
     ],
     install_requires=["setuptools"],
     zip_safe=True,

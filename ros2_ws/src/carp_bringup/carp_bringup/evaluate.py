@@ -1,9 +1,11 @@
 """The N-trial evaluation protocol (`carp-eval`).
 
-observation -> policy -> execute the first ``execute_steps`` of the chunk -> re-plan, with the
-policy's real inference time accounted for: while the policy thinks, the world moves on (the cell
-holds its last target) and chunk steps whose time has already passed are dropped, exactly as the
-driver does on the robot.
+observation -> policy -> the driver executes the first ``execute_steps`` of the chunk -> re-plan,
+with the policy's real inference time accounted for: while the policy thinks, the world moves on
+(the driver holds the arm at the end of what it was given), then the chunk goes to the driver core
+the robot runs (``carp_hardware.driver.ArmDriver`` in the twin: ``SimCell.submit_chunk``), which
+drops the steps whose time has passed, schedules the rest at their absolute times and checks every
+target against the safety limits. The loop observes at each executed step's time.
 
 The loop only talks to a :class:`Cell` (reset/step/hold/observe/outcome), so the same protocol
 drives the MuJoCo twin today and the real cell later (where an operator resets the scene and
@@ -42,6 +44,14 @@ class Cell(Protocol):
     def outcome(self): ...  # -> object with .success: bool and .reason: str
 
 
+class DriverCell(Cell, Protocol):
+    """A cell whose arm runs through the driver core (the twin's SimCell): chunks go to the driver,
+    the loop runs time forward and observes."""
+
+    def submit_chunk(self, chunk: ActionChunk): ...  # -> carp_hardware.driver.ChunkResult
+    def run_until(self, t: float) -> Observation: ...
+
+
 @dataclass
 class EvalConfig:
     """Settings of one evaluation run."""
@@ -51,6 +61,9 @@ class EvalConfig:
     seed: int = 10_000  # trial i uses seed + i; keep it away from the data-collection seeds
     execute_steps: int = 8  # of the 16 predicted steps, execute this many, then re-plan
     account_latency: bool = True  # let sim time pass while the policy computes
+    # s: let this much sim time pass per chunk instead of the measured inference time (the same
+    # rollouts on a loaded machine as on an idle one); None = the measured time
+    sim_latency_s: float | None = None
     videos: int = 2  # rollout MP4s for the first N trials
     # shift ensemble (carp_policy.policies.base.EnsembleConfig): None runs the model's own setting
     ensemble_grid: int | None = None
@@ -67,6 +80,7 @@ class TrialResult:
     duration_s: float
     plans: int
     latency_ms: list[float] = field(default_factory=list)
+    refused: int = 0  # chunks the driver refused (the arm stopped; the loop re-planned)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -87,7 +101,69 @@ def run_trial(
     cfg: EvalConfig,
     frames: list[np.ndarray] | None = None,
 ) -> TrialResult:
-    """Run one closed-loop episode and return its outcome. Appends video frames if a list is given."""
+    """Run one closed-loop episode and return its outcome. Appends video frames if a list is given.
+
+    A cell with a driver (``submit_chunk``/``run_until``) runs every chunk through it; a cell that
+    only takes one target per control period (``step``) gets the executed steps one by one."""
+    if not hasattr(cell, "submit_chunk"):
+        return _run_trial_stepwise(cell, policy, seed, cfg, frames)
+    obs = cell.reset(seed)
+    policy.reset()
+    driver = getattr(cell, "driver", None)
+    if driver is not None:
+        driver.executor.execute_steps = cfg.execute_steps
+    history = ObservationHistory(policy.obs_horizon)
+    stacked = history.push(obs)
+    latencies: list[float] = []
+    steps = plans = refused = 0
+
+    def grab() -> None:
+        if frames is not None:
+            frames.append(cell.render_video_frame(*cfg.video_size))
+
+    grab()
+    while not cell.done and cell.time < cell.max_duration_s:
+        t0 = time.perf_counter()
+        chunk: ActionChunk = policy.predict(stacked)
+        latency = time.perf_counter() - t0
+        latencies.append(latency * 1e3)
+        plans += 1
+        if cfg.account_latency:  # the driver runs on: the arm holds at the end of the last chunk
+            cell.hold(latency if cfg.sim_latency_s is None else cfg.sim_latency_s)
+        result = cell.submit_chunk(chunk)
+        if not result.accepted:  # refused whole (stale, unsafe): the arm stopped; re-plan
+            refused += 1
+            stacked = history.push(cell.run_until(cell.time + chunk.dt))
+            grab()
+            continue
+        # Observe at each executed step's time, as the policy was trained (one row per period).
+        for t in chunk.step_times()[result.dropped : result.dropped + result.kept]:
+            stacked = history.push(cell.run_until(t))
+            steps += 1
+            grab()
+            if cell.done or cell.time >= cell.max_duration_s:
+                break
+    outcome = cell.outcome()
+    return TrialResult(
+        seed=seed,
+        success=bool(outcome.success),
+        reason=str(outcome.reason),
+        steps=steps,
+        duration_s=float(cell.time),
+        plans=plans,
+        latency_ms=latencies,
+        refused=refused,
+    )
+
+
+def _run_trial_stepwise(
+    cell: Cell,
+    policy: Policy,
+    seed: int,
+    cfg: EvalConfig,
+    frames: list[np.ndarray] | None = None,
+) -> TrialResult:
+    """``run_trial`` for a cell without a driver: the loop drops past steps and sends the rest."""
     obs = cell.reset(seed)
     policy.reset()
     history = ObservationHistory(policy.obs_horizon)
@@ -107,7 +183,7 @@ def run_trial(
         latencies.append(latency * 1e3)
         plans += 1
         if cfg.account_latency:
-            cell.hold(latency)
+            cell.hold(latency if cfg.sim_latency_s is None else cfg.sim_latency_s)
         # Latency compensation: steps meant for a time that has already passed are dropped.
         first = int(np.searchsorted(chunk.step_times(), cell.time + 1e-9))
         todo = chunk.actions[first : first + cfg.execute_steps]
@@ -346,6 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-latency", action="store_true", help="freeze sim time during inference (debugging only)"
     )
+    p.add_argument(
+        "--sim-latency-ms",
+        type=float,
+        help="let this much sim time pass per chunk instead of the measured inference time "
+        "(reproducible rollouts on a loaded machine)",
+    )
     add_device_argument(p)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -359,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
         execute_steps=a.execute_steps,
         account_latency=not a.no_latency,
+        sim_latency_s=None if a.sim_latency_ms is None else a.sim_latency_ms / 1e3,
         videos=a.videos,
         ensemble_grid=a.ensemble_grid,
         ensemble_radius=a.ensemble_radius,

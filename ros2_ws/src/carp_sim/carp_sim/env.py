@@ -1,27 +1,32 @@
 """SimCell: the twin behind the same seam as the real cell (target TCP pose + gripper opening in,
 measured TCP pose + gripper opening + camera images out).
 
-One ``step(action)`` commands the next TCP target and advances one control period (0.1 s at 10 Hz).
-Inside it a servo loop (``servo_hz``, like the real driver's servoJ stream) interpolates the TCP
-pose from the previous target (linear position, geodesic rotation), solves the analytic IK nearest
-to the last joint target, and feeds stiff joint position servos with a velocity feed-forward.
+The arm is commanded through the same driver core as the robot (``carp_hardware.driver.ArmDriver``
+over the twin's backends in ``carp_sim.backends``, on the twin's simulated clock): it interpolates
+the TCP pose at ``servo_hz`` (linear position, slerp rotation), checks every target against the
+safety limits, solves the analytic IK nearest to the last joint target and streams the joints to
+stiff position servos with a velocity feed-forward. ``submit_chunk(chunk)`` + ``run_until(t)`` is
+the policy's path (``carp-eval``); ``step(action)`` commands one target reached one control period
+later (0.1 s at 10 Hz) and runs that period (the scripted experts, data collection).
 The gripper fingers are position-controlled with a force limit, so a grasp is held by friction.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import mujoco
 import numpy as np
 import yaml
-from scipy.spatial.transform import Rotation
 
-from carp_hardware.kinematics import HOME_Q, ik_nearest, ik_nearest_path, pose_matrix
-from carp_policy.actions import ACTION_DIM, ACTION_NAMES, Observation, pose_to_vector, rot6d_to_matrix
-from carp_sim.cell import ARM_KP, ARM_KV, GRIPPER_STROKE, build_model
+from carp_hardware.driver import ArmDriver, ChunkResult, DriverConfig
+from carp_hardware.kinematics import HOME_Q, ik_nearest, pose_matrix
+from carp_hardware.safety import SafetyLimits
+from carp_policy.actions import ACTION_DIM, ACTION_NAMES, ActionChunk, Observation, pose_to_vector
+from carp_sim.backends import SimArm, SimClock, SimGripper
+from carp_sim.cell import GRIPPER_STROKE, build_model
 from carp_sim.tasks import (
     EpisodeLayout,
     SceneSnapshot,
@@ -51,7 +56,7 @@ class SimConfig:
     physics_dt: float = 0.002  # MuJoCo time step, s
     servo_hz: float = 100.0  # IK / joint-target rate inside a control step (real driver: 125-500 Hz)
     render: bool = True  # False: observations carry no images (fast expert runs)
-    max_joint_speed: float = 3.0  # rad/s, joint targets are rate-limited like the real driver's
+    max_joint_speed: float = 3.0  # rad/s per joint; the driver refuses faster joint targets
     settle_s: float = 0.3  # physics run after reset so objects rest on the table
 
     def __post_init__(self) -> None:
@@ -95,7 +100,14 @@ class SimConfig:
 class SimCell:
     """The MuJoCo UR5e cell running one task (see module doc for the control seam)."""
 
-    def __init__(self, task: str | TaskConfig = "cup", config: SimConfig | None = None) -> None:
+    def __init__(
+        self,
+        task: str | TaskConfig = "cup",
+        config: SimConfig | None = None,
+        limits: SafetyLimits | None = None,
+    ) -> None:
+        """``limits``: the driver's safety limits (default: the robot's YAML, with the joint speed
+        limit of ``config``)."""
         self.task = task if isinstance(task, TaskConfig) else TaskConfig.load(task)
         self.task.validate()
         self.config = config or SimConfig()
@@ -112,18 +124,22 @@ class SimCell:
         gripper_bodies = {m.body(n).id for n in ("flange", "finger_left", "finger_right")}
         self._is_gripper = np.isin(m.geom_bodyid, list(gripper_bodies))
         self._is_object = m.geom_bodyid == self._obj_body
-        self._ff = np.array(ARM_KV) / np.array(ARM_KP)  # velocity feed-forward gain (see _advance)
-        self._n_servo = round(self.config.servo_hz / self.config.control_hz)
-        self._n_phys = round(1.0 / (self.config.servo_hz * self.config.physics_dt))
+        # The driver core of the robot over the twin's backends, on the simulated clock.
+        self.arm, self.gripper = SimArm(self), SimGripper(self)
+        limits = limits or replace(SafetyLimits.load(), max_joint_speed=self.config.max_joint_speed)
+        self.driver = ArmDriver(
+            self.arm,
+            self.gripper,
+            limits,
+            DriverConfig(servo_hz=self.config.servo_hz, ik="local", check_controller_poses=False),
+            SimClock(self),
+        )
         self._renderer: mujoco.Renderer | None = None
         self._video_renderers: dict[tuple[int, int], mujoco.Renderer] = {}
         self.layout: EpisodeLayout | None = None
         self.seed: int | None = None
-        self.ik_failures = 0
+        self.ik_failures = 0  # targets the driver refused (unreachable, outside the limits)
         self.done = False
-        self._q_cmd = HOME_Q.copy()
-        self._target = np.eye(4)
-        self._gripper_cmd = GRIPPER_STROKE
         self._success_since: float | None = None
         self._failure: str | None = None
         self._start_z = 0.0  # the object's height after the reset settled, for the lift check
@@ -147,16 +163,16 @@ class SimCell:
             0.0,
             np.sin(yaw / 2),
         ]
-        self._q_cmd = ik_nearest(self.layout.start_tcp, HOME_Q)
-        d.qpos[:6] = self._q_cmd
-        d.ctrl[:6] = self._q_cmd
-        self._gripper_cmd = GRIPPER_STROKE
+        q0 = ik_nearest(self.layout.start_tcp, HOME_Q)
+        d.qpos[:6] = q0
+        d.ctrl[:6] = q0
         d.qpos[self._fingers] = GRIPPER_STROKE / 2
-        d.ctrl[6:8] = GRIPPER_STROKE / 2
-        self._target = self.layout.start_tcp.copy()
+        self.gripper.command(GRIPPER_STROKE)
         mujoco.mj_forward(m, d)
-        self._advance(self._q_cmd, round(self.config.settle_s / self.config.physics_dt))
+        self.arm.settle(q0, round(self.config.settle_s / self.config.physics_dt))
         d.time = 0.0
+        self.driver.stop("reset")
+        self.driver.enable()  # streams from the measured pose
         self.ik_failures = 0
         self.done = False
         self._success_since = None
@@ -166,7 +182,9 @@ class SimCell:
         return self.observe()
 
     def step(self, action: np.ndarray) -> Observation:
-        """Command the next TCP target + gripper opening (10,), advance one control period."""
+        """Command the next TCP target + gripper opening (10,), reached one control period later,
+        and run that period through the driver. A target the driver refuses (out of reach, outside
+        the limits) is not streamed: the arm holds there and ``ik_failures`` counts it."""
         action = np.asarray(action, dtype=np.float64)
         if action.shape != (ACTION_DIM,):
             raise ValueError(f"SimCell.step needs an action of shape ({ACTION_DIM},), got {action.shape}")
@@ -175,56 +193,33 @@ class SimCell:
             raise ValueError(f"SimCell.step: non-finite action in {bad}")
         if self.layout is None:
             raise RuntimeError("SimCell.step called before reset(seed)")
-        goal = pose_matrix(action[:3], rot6d_to_matrix(action[3:9]))
-        self._gripper_cmd = float(np.clip(action[9], 0.0, GRIPPER_STROKE))
-        self.data.ctrl[6:8] = self._gripper_cmd / 2
-        # The servo ticks' joint targets do not depend on the physics, so all of them are solved
-        # before it runs: one vectorised pass for the interpolated poses and their IK branches;
-        # only the nearest-branch choice and the rate limit go tick by tick.
-        q_path = ik_nearest_path(
-            self._servo_poses(self._target, goal),
-            self._q_cmd,
-            max_step=self.config.max_joint_speed / self.config.servo_hz,
-        )
-        for q in q_path:
-            self._advance(q, self._n_phys)
-        if len(q_path) == self._n_servo:
-            self._target = goal
-        else:
-            # Like the real driver: an unreachable target is not streamed; the arm holds there.
+        period = 1.0 / self.config.control_hz
+        if not self.driver.command_pose(action, t=self.time + period).accepted:
             self.ik_failures += 1
+        self.driver.run_for(period)
         self._update_status()
         return self.observe()
 
-    def _servo_poses(self, start: np.ndarray, goal: np.ndarray) -> np.ndarray:
-        """TCP poses (n_servo, 4, 4) of the servo ticks from ``start`` to ``goal`` (both (4, 4)):
-        linear position, geodesic rotation, the last one at ``goal``."""
-        s = np.arange(1, self._n_servo + 1) / self._n_servo
-        rel = Rotation.from_matrix(start[:3, :3].T @ goal[:3, :3]).as_rotvec()
-        poses = np.zeros((self._n_servo, 4, 4))
-        poses[:, :3, :3] = start[:3, :3] @ Rotation.from_rotvec(s[:, None] * rel).as_matrix()
-        poses[:, :3, 3] = (1 - s)[:, None] * start[:3, 3] + s[:, None] * goal[:3, 3]
-        poses[:, 3, 3] = 1.0
-        return poses
+    def submit_chunk(self, chunk: ActionChunk) -> ChunkResult:
+        """Hand a policy's chunk to the driver (scheduled at its absolute step times)."""
+        if self.layout is None:
+            raise RuntimeError("SimCell.submit_chunk called before reset(seed)")
+        return self.driver.submit_chunk(chunk)
+
+    def run_until(self, t: float) -> Observation:
+        """Run the driver (servo ticks + physics) until sim time ``t``, then observe."""
+        self.driver.run_until(t)
+        self._update_status()
+        return self.observe()
 
     def hold(self, seconds: float) -> None:
-        """Advance physics by ``seconds`` with the current targets (e.g. while a policy computes)."""
+        """Advance by ``seconds`` (whole servo ticks) with the driver running, e.g. while a policy
+        computes: the arm follows what it was given and holds at its end."""
         if seconds < 0 or not np.isfinite(seconds):
             raise ValueError(f"SimCell.hold needs a finite duration >= 0, got {seconds}")
-        n = round(seconds / self.config.physics_dt)
-        if n:
-            self._advance(self._q_cmd, n)  # zero target velocity: plain position hold
+        if seconds > 0:
+            self.driver.run_for(seconds)
             self._update_status()
-
-    def _advance(self, q_goal: np.ndarray, n: int) -> None:
-        """Servo tick: command ``q_goal`` (reached at the end of ``n`` physics steps) and run them."""
-        # Joint targets are a staircase at the servo rate, as on the real arm. The position servo
-        # computes kp (ctrl - q) - kv qdot; adding (kv/kp) * qdot_target to the target turns it into
-        # kp (q_t - q) + kv (qdot_t - qdot), so tracking does not lag behind a moving target.
-        qdot = (q_goal - self._q_cmd) / (n * self.config.physics_dt)
-        self.data.ctrl[:6] = q_goal + self._ff * qdot
-        mujoco.mj_step(self.model, self.data, nstep=n)
-        self._q_cmd = np.array(q_goal, dtype=np.float64)
 
     def _update_status(self) -> None:
         snap = self.snapshot()
@@ -250,16 +245,15 @@ class SimCell:
 
     def teleport_arm(self, tcp_pose: np.ndarray, gripper: float | None = None) -> None:
         """Put the arm (and its targets) at a TCP pose (4, 4) and optionally the gripper opening."""
-        self._q_cmd = ik_nearest(tcp_pose, self._q_cmd)
-        self.data.qpos[:6] = self._q_cmd
+        q = ik_nearest(tcp_pose, self.data.qpos[:6])
+        self.data.qpos[:6] = q
         self.data.qvel[:6] = 0.0
-        self.data.ctrl[:6] = self._q_cmd
-        self._target = np.array(tcp_pose, dtype=np.float64)
+        self.arm.settle(q, 0)
         if gripper is not None:
-            self._gripper_cmd = float(np.clip(gripper, 0.0, GRIPPER_STROKE))
-            self.data.qpos[self._fingers] = self._gripper_cmd / 2
-            self.data.ctrl[6:8] = self._gripper_cmd / 2
+            self.gripper.command(gripper)
+            self.data.qpos[self._fingers] = self.gripper.target / 2
         mujoco.mj_forward(self.model, self.data)
+        self.driver.resync()  # the world moved under the driver: restart from the measured pose
 
     # ------------------------------------------------------------------ observation
     def observe(self) -> Observation:
