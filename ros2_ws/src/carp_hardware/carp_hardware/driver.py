@@ -539,6 +539,11 @@ class ArmDriver:
             cause = st.fault()
             if cause and self.state is not DriverState.FAULT:
                 self._fault(cause, f"{cause.replace('_', ' ')} (robot side)")
+            if self.gripper is not None and self.state is not DriverState.FAULT:
+                gs = self.gripper.state()
+                if not gs.connected or gs.fault:
+                    cause = gs.fault or "connection_lost"
+                    self._fault("gripper_" + cause, f"gripper {cause.replace('_', ' ')}")
             if self.state is not DriverState.RUNNING or self._path is None:
                 self.arm.idle(n, self.dt)
                 return
