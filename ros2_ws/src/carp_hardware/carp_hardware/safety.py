@@ -53,8 +53,10 @@ class SafetyLimits:
     max_start_angle: float = 0.6
     max_chunk_age: float = 0.5  # s: the chunk's observation older than this on arrival = stale
     watchdog_s: float = 0.1  # s without a valid target -> decelerate and stop
-    gripper_min: float = -0.005  # m, accepted commands (the gripper saturates at its stroke)
-    gripper_max: float = 0.09
+    # m, accepted openings: past 0 or the stroke (0.085) the fingers stop at their end stop (a
+    # policy overshoots the ends by a few mm); far outside is a unit error, refused
+    gripper_min: float = -0.01
+    gripper_max: float = 0.10
 
     def __post_init__(self) -> None:
         self.validate()
