@@ -53,8 +53,8 @@ from scipy.spatial.transform import Rotation
 
 from carp_hardware.interfaces import Arm, ArmState, Gripper
 from carp_hardware.kinematics import IKError, ik_nearest, ik_nearest_path, pose_matrix
-from carp_hardware.safety import Refusal, SafetyLimits, SafetyMonitor
-from carp_policy.actions import ACTION_DIM, ActionChunk, rot6d_to_matrix
+from carp_hardware.safety import Refusal, SafetyLimits, SafetyMonitor, rotvec_between, rotvec_to_matrix
+from carp_policy.actions import ACTION_DIM, ActionChunk, matrix_to_rot6d, rot6d_to_matrix
 from carp_policy.yaml_config import load_yaml
 
 # UR5e home joints (elbow up, wrist down), the twin's HOME_Q.
@@ -148,30 +148,30 @@ class Path:
     slerp in rotation (Diffusion Policy's PoseTrajectoryInterpolator); before the first and after
     the last waypoint it holds. Sampling is vectorised over times."""
 
-    def __init__(self, times: np.ndarray, positions: np.ndarray, rotations: Rotation, gripper: np.ndarray):
+    def __init__(self, times: np.ndarray, positions: np.ndarray, rotations: np.ndarray, gripper: np.ndarray):
+        """``rotations``: (K, 3, 3) matrices."""
         self.times = np.asarray(times, dtype=np.float64)
         self.positions = np.asarray(positions, dtype=np.float64).reshape(-1, 3)
-        self.rotations = rotations
+        self.rotations = np.asarray(rotations, dtype=np.float64).reshape(-1, 3, 3)
         self.gripper = np.asarray(gripper, dtype=np.float64).reshape(-1)
         k = len(self.times)
         if not (len(self.positions) == len(self.rotations) == len(self.gripper) == k >= 1):
             raise ValueError("Path: times, positions, rotations and gripper must have one entry per waypoint")
         if k > 1 and np.any(np.diff(self.times) <= 0):
             raise ValueError("Path: waypoint times must increase")
-        self._rel = (rotations[:-1].inv() * rotations[1:]).as_rotvec() if k > 1 else np.zeros((0, 3))
+        self._rel = rotvec_between(self.rotations[:-1], self.rotations[1:]) if k > 1 else np.zeros((0, 3))
 
     @classmethod
     def hold(cls, t: float, pose: np.ndarray, gripper: float) -> Path:
-        return cls(
-            np.array([t]), pose[None, :3, 3], Rotation.from_matrix(pose[None, :3, :3]), np.array([gripper])
-        )
+        return cls(np.array([t]), pose[None, :3, 3], pose[None, :3, :3], np.array([gripper]))
 
     @property
     def end(self) -> float:
         return float(self.times[-1])
 
-    def sample(self, ts: np.ndarray) -> tuple[np.ndarray, Rotation, np.ndarray]:
-        """Poses at times ``ts`` (N,): positions (N, 3), rotations, gripper targets (N,).
+    def sample(self, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Poses at times ``ts`` (N,): positions (N, 3), rotation matrices (N, 3, 3), gripper
+        targets (N,).
 
         The gripper target is the opening of the waypoint the segment leads to (a gripper is
         commanded to a target and moves at its own speed, not streamed)."""
@@ -181,13 +181,13 @@ class Path:
             n = len(ts)
             return (
                 np.repeat(self.positions, n, 0),
-                Rotation.from_quat(np.repeat(self.rotations.as_quat(), n, 0)),
+                np.repeat(self.rotations, n, 0),
                 np.repeat(self.gripper, n),
             )
         i = np.clip(np.searchsorted(self.times, ts, side="right") - 1, 0, k - 2)
         s = np.clip((ts - self.times[i]) / (self.times[i + 1] - self.times[i]), 0.0, 1.0)
         pos = self.positions[i] + s[:, None] * (self.positions[i + 1] - self.positions[i])
-        rot = self.rotations[i] * Rotation.from_rotvec(s[:, None] * self._rel[i])
+        rot = self.rotations[i] @ rotvec_to_matrix(s[:, None] * self._rel[i])
         nxt = np.clip(np.searchsorted(self.times, ts - 1e-12, side="left"), 0, k - 1)
         return pos, rot, self.gripper[nxt]
 
@@ -247,7 +247,7 @@ class ReplaceExecutor:
         acts = chunk.actions[first : self.execute_steps]
         if len(acts) == 0:
             return Plan(None, dropped=first, kept=0)
-        rots = Rotation.from_matrix(np.concatenate([pose[None, :3, :3], rot6d_to_matrix(acts[:, 3:9])]))
+        rots = np.concatenate([pose[None, :3, :3], rot6d_to_matrix(acts[:, 3:9])])
         path = Path(
             np.concatenate([[now], times[first:]]),
             np.vstack([pose[:3, 3], acts[:, :3]]),
@@ -476,7 +476,7 @@ class ArmDriver:
                     pose = pose_matrix(pose[:3], rot6d_to_matrix(pose[3:9]))
                 elif pose.shape != (4, 4):
                     raise ValueError(f"a target pose is (4, 4) or ({ACTION_DIM},), got {pose.shape}")
-                rot = Rotation.from_matrix(np.stack([self._pose_at(now)[:3, :3], pose[:3, :3]]))
+                rot = np.stack([self._pose_at(now)[:3, :3], rot6d_to_matrix(matrix_to_rot6d(pose[:3, :3]))])
             except ValueError as e:
                 return self._refuse_cmd(Refusal("bad_rotation", f"target pose: {e}", now))
             t = now + self.config.pose_lead_s if t is None else float(t)
@@ -539,6 +539,11 @@ class ArmDriver:
             cause = st.fault()
             if cause and self.state is not DriverState.FAULT:
                 self._fault(cause, f"{cause.replace('_', ' ')} (robot side)")
+            if self.gripper is not None and self.state is not DriverState.FAULT:
+                gs = self.gripper.state()
+                if not gs.connected or gs.fault:
+                    cause = gs.fault or "connection_lost"
+                    self._fault("gripper_" + cause, f"gripper {cause.replace('_', ' ')}")
             if self.state is not DriverState.RUNNING or self._path is None:
                 self.arm.idle(n, self.dt)
                 return
@@ -584,7 +589,7 @@ class ArmDriver:
         """Joint targets for tick times ``ts`` (every check applied); stops at the first tick
         that fails a check and returns its refusal."""
         pos, rot, grip = self._path.sample(ts)
-        mats = rot.as_matrix()
+        mats = rot
         poses = np.zeros((len(ts), 4, 4))
         poses[:, :3, :3], poses[:, :3, 3], poses[:, 3, 3] = mats, pos, 1.0
         self._pose_cache = poses
@@ -592,7 +597,7 @@ class ArmDriver:
         refusal = self.safety.workspace(pos, "tick") or self.safety.speeds(
             np.concatenate([[ts[0] - self.dt], ts]),
             np.vstack([self._pose_cmd[:3, 3], pos]),
-            Rotation.from_matrix(np.concatenate([self._pose_cmd[None, :3, :3], mats])),
+            np.concatenate([self._pose_cmd[None, :3, :3], mats]),
             "tick",
         )
         # a limit broken at tick i: stream the ticks before it, then stop
@@ -682,7 +687,7 @@ class ArmDriver:
         """Check every waypoint of a plan, then make it the path (or refuse and stop)."""
         path = plan.path
         wp_pos, wp_rot = path.positions[1:], path.rotations[1:]
-        first = pose_matrix(wp_pos[0], wp_rot[0].as_matrix())
+        first = pose_matrix(wp_pos[0], wp_rot[0])
         r = (
             self.safety.workspace(wp_pos, "step")
             or self.safety.gripper(path.gripper[1:], "step")
@@ -690,7 +695,7 @@ class ArmDriver:
             or self.safety.speeds(path.times, path.positions, path.rotations, "step", accelerations=whole)
         )
         if r is None:
-            r = self._check_reachable(wp_pos, wp_rot.as_matrix())
+            r = self._check_reachable(wp_pos, wp_rot)
         if r is not None:
             return self._refuse_cmd(Refusal(r.reason, r.message, now), dropped=plan.dropped)
         self._path = path
@@ -707,7 +712,7 @@ class ArmDriver:
         lim, cur = self.limits, self._pose_cmd
         lin = float(np.linalg.norm(target[:3, 3] - cur[:3, 3])) / lim.max_tcp_speed
         ang = (
-            float(Rotation.from_matrix(cur[:3, :3].T @ target[:3, :3]).magnitude())
+            float(np.linalg.norm(rotvec_between(cur[None, :3, :3], target[None, :3, :3])))
             / lim.max_tcp_angular_speed
         )
         try:
@@ -741,7 +746,7 @@ class ArmDriver:
         if self._path is None or self.state is not DriverState.RUNNING:
             return self._pose_cmd
         pos, rot, _ = self._path.sample(np.array([t]))
-        return pose_matrix(pos[0], rot[0].as_matrix())
+        return pose_matrix(pos[0], rot[0])
 
     def _seed(self, st: ArmState) -> None:
         """Commanded joints / pose from the measured ones (no path)."""
