@@ -16,6 +16,7 @@ import sys
 import time
 
 import rclpy
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
@@ -66,11 +67,11 @@ class CameraNode(Node):
 
     def __init__(self) -> None:
         super().__init__("camera_node")
-        defaults = {"camera": "wrist", "backend": "realsense", "serial": "", "device": "/dev/video0",
-                    "width": 640, "height": 480, "fps": 30, "exposure": 0.0, "intrinsics": "",
+        defaults = {"camera": "wrist", "backend": "realsense", "serial": "any", "device": "/dev/video0",
+                    "width": 640, "height": 480, "fps": 30, "exposure": 0.0, "intrinsics": "none",
                     "max_age": 0.2}  # fmt: skip
         for k, v in defaults.items():
-            self.declare_parameter(k, v)
+            self.declare_parameter(k, v, ParameterDescriptor(dynamic_typing=True))
         get = lambda k: self.get_parameter(k).value  # noqa: E731
         from carp_hardware.cameras import make_camera
 
@@ -78,11 +79,13 @@ class CameraNode(Node):
         stream = {"width": int(get("width")), "height": int(get("height")), "fps": int(get("fps"))}
         exposure = float(get("exposure")) or None
         if backend == "realsense":
-            rs = {"serial": str(get("serial")), "exposure_us": exposure, **stream}
+            serial = str(get("serial") or "any")
+            rs = {"serial": "" if serial == "any" else serial, "exposure_us": exposure, **stream}
             cfg = {"kind": "realsense", "realsense": rs}
         elif backend == "uvc":
-            cfg = {"kind": "uvc", "uvc": {"device": str(get("device")), "exposure": exposure,
-                                           "intrinsics": get("intrinsics") or None, **stream}}  # fmt: skip
+            intr = None if get("intrinsics") in ("", "none") else str(get("intrinsics"))
+            uvc = {"device": str(get("device")), "exposure": exposure, "intrinsics": intr, **stream}
+            cfg = {"kind": "uvc", "uvc": uvc}
         else:
             raise ValueError(f"camera_node: backend must be realsense or uvc, got {backend!r}")
         self.camera = make_camera(str(get("camera")), cfg, clock=time.time)

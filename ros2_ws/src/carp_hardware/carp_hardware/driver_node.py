@@ -29,6 +29,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
@@ -41,75 +42,67 @@ from carp_hardware.kinematics import JOINT_NAMES
 from carp_policy.messages import chunk_from_msg, pose_to_msg, time_to_msg
 
 
-class WallOffsetClock:
-    """The twin's simulated time mapped onto the wall clock: ``offset + sim time``, where the
-    servo loop keeps sim time in step with the wall (so stamps agree with every other node's)."""
-
-    def __init__(self, cell) -> None:
-        self.cell = cell
-        self.offset = time.time() - float(cell.data.time)
-
-    def rebase(self) -> None:
-        self.offset = time.time() - float(self.cell.data.time)
-
-    def now(self) -> float:
-        return self.offset + float(self.cell.data.time)
-
-
 class DriverNode(Node):
     """The arm and gripper behind ROS topics and services (module docstring)."""
 
     def __init__(self) -> None:
         super().__init__("ur5e_driver")
-        defaults = {"backend": "rtde", "robot_ip": "192.168.1.102", "limits": "", "config": "",
+        defaults = {"backend": "rtde", "robot_ip": "192.168.1.102", "limits": "default", "config": "default",
                     "execute_steps": 8, "servo_hz": 0.0, "state_hz": 100.0, "enable": False,
-                    "task": "cup", "seed": 10000, "camera_fps": 15.0}  # fmt: skip
+                    "task": "cup", "seed": 10000, "camera_fps": 10.0}  # fmt: skip
         for k, v in defaults.items():
-            self.declare_parameter(k, v)
+            self.declare_parameter(k, v, ParameterDescriptor(dynamic_typing=True))
         get = lambda k: self.get_parameter(k).value  # noqa: E731
         from carp_hardware.driver import ArmDriver, DriverConfig
         from carp_hardware.safety import SafetyLimits
         from carp_policy.yaml_config import from_dict, load_yaml, to_dict
 
         backend = str(get("backend"))
-        cfg = load_yaml(DriverConfig, get("config")) if get("config") else DriverConfig()
+        conf = str(get("config") or "default")
+        cfg = DriverConfig() if conf == "default" else load_yaml(DriverConfig, conf)
         overrides = {"execute_steps": int(get("execute_steps"))}
         if float(get("servo_hz")) > 0:
             overrides["servo_hz"] = float(get("servo_hz"))
         elif backend == "sim":
             overrides["servo_hz"] = 100.0  # the twin at wall-clock pace: 100 Hz keeps up on 2 cores
-        cfg = from_dict(DriverConfig, {**to_dict(cfg), **overrides})
-        limits = SafetyLimits.load(get("limits")) if get("limits") else SafetyLimits()
+        lim = str(get("limits") or "default")
+        limits = None if lim == "default" else SafetyLimits.load(lim)  # None: the shipped YAML
         self.lock = threading.RLock()  # the MuJoCo world (physics and renders) in the twin
         self.cell = None
         self.cameras: list = []
+        self.clock = _WallClock()
         if backend == "sim":
-            from carp_sim.backends import SimArm, SimGripper
             from carp_sim.env import SimCell, SimConfig
 
-            self.cell = SimCell(str(get("task")), SimConfig(render=False, servo_hz=cfg.servo_hz))
+            # the twin's own driver config (closed-form IK, no controller to ask) at this rate
+            cfg = from_dict(DriverConfig, {**to_dict(cfg), **overrides, "ik": "local",
+                                           "check_controller_poses": False})  # fmt: skip
+            sim = SimConfig(render=False, servo_hz=cfg.servo_hz)
+            self.cell = SimCell(str(get("task")), sim, limits=limits, clock=self.clock, driver_config=cfg)
             self.seed = int(get("seed"))
             self.cell.reset(self.seed)
-            arm, gripper = SimArm(self.cell), SimGripper(self.cell)
-            self.clock = WallOffsetClock(self.cell)
+            self.driver, self.arm, self.gripper = self.cell.driver, self.cell.arm, self.cell.gripper
         elif backend == "rtde":
-            from carp_hardware.robotiq import Robotiq2F85
-            from carp_hardware.ur_rtde_arm import RtdeArm
+            from carp_hardware.robotiq import Robotiq2F85, RobotiqConfig
+            from carp_hardware.ur_rtde_arm import RtdeArm, RtdeConfig
 
-            arm, gripper = RtdeArm(str(get("robot_ip"))), Robotiq2F85(str(get("robot_ip")))
-            self.clock = None
+            cfg = from_dict(DriverConfig, {**to_dict(cfg), **overrides})
+            ip = str(get("robot_ip"))
+            self.arm = RtdeArm(RtdeConfig(host=ip, servo_hz=cfg.servo_hz))
+            self.gripper = Robotiq2F85(RobotiqConfig(host=ip))
+            self.arm.connect()
+            self.gripper.connect()
+            limits = limits or SafetyLimits.load()
+            self.driver = ArmDriver(self.arm, self.gripper, limits, cfg, clock=self.clock)
         else:
             raise ValueError(f"ur5e_driver_node: backend must be rtde or sim, got {backend!r}")
-        arm.connect()
-        gripper.connect()
-        self.driver = ArmDriver(arm, gripper, limits, cfg, clock=self.clock or _WallClock())
-        self.arm, self.gripper = arm, gripper
         self.backend = backend
         self._publishers(float(get("state_hz")))
         if backend == "sim":
             self._sim_extras(float(get("camera_fps")))
-        if backend == "sim" or bool(get("enable")):
-            self.driver.enable()
+        self._stamp = self.clock.now
+        if backend == "rtde" and bool(get("enable")):
+            self.driver.enable()  # on the robot the arm moves only once enabled (service or parameter)
         self._running = True
         self._loop = threading.Thread(target=self._servo_loop, name="servo", daemon=True)
         self._loop.start()
@@ -122,20 +115,22 @@ class DriverNode(Node):
     def _servo_loop(self) -> None:
         dt = self.driver.dt
         next_t = time.perf_counter()
+        k = 0
         while self._running:
             if self.cell is None:
                 self.driver.tick()  # ur_rtde paces the loop (initPeriod / waitPeriod)
                 continue
-            with self.lock:
+            with self.lock:  # the twin: one tick of driver and physics, then wait for the wall clock
                 self.driver.tick()
+                k += 1
+                if k % max(1, round(0.1 / dt)) == 0:
+                    self.cell.update_status()  # success / failure at the control rate
             next_t += dt
             wait = next_t - time.perf_counter()
             if wait > 0:
                 time.sleep(wait)
-            elif wait < -0.1:  # fell behind (a long render, a loaded CPU): resync, do not burst
+            elif wait < -0.1:  # fell far behind (a loaded CPU): continue from now, do not burst
                 next_t = time.perf_counter()
-                with self.lock:
-                    self.clock.rebase()
 
     # ------------------------------------------------------------------ topics and services
     def _publishers(self, state_hz: float) -> None:
@@ -160,7 +155,7 @@ class DriverNode(Node):
         from carp_hardware.cameras import SimCamera
         from carp_sim.env import CAMERAS
 
-        for cam in CAMERAS:
+        for cam in CAMERAS if camera_fps > 0 else ():  # 0: no renders (a state model reads none)
             c = SimCamera(cam, self.cell.model, self.cell.data, self.lock, size=self.cell.config.image_size,
                           fps=camera_fps, clock=self.clock.now)  # fmt: skip
             c.start()
@@ -211,11 +206,7 @@ class DriverNode(Node):
         def reset() -> str:
             with self.lock:
                 self.seed += 1
-                self.cell.reset(self.seed)
-                self.clock.rebase()
-                self.driver.stop("episode reset")
-                self.arm.settle(self.cell.data.qpos[:6].copy(), 0)
-                self.driver.enable()
+                self.cell.reset(self.seed)  # stops the driver and re-enables it from the new pose
             return f"episode seed {self.seed}"
 
         return self._trigger(reset, res, "reset")
@@ -224,7 +215,7 @@ class DriverNode(Node):
         with self.lock:
             st = self.arm.state()
             g = self.gripper.state()
-            t = self.driver.clock.now()
+            t = self.clock.now()
         stamp = time_to_msg(t)
         js = JointState(name=list(JOINT_NAMES), position=[float(x) for x in st.q])
         js.header.stamp = stamp
@@ -256,7 +247,7 @@ class DriverNode(Node):
         st.message = f"{d['state']}" + (f": {d['reason']}" if d.get("reason") else "")
         st.values = [KeyValue(key=k, value=json.dumps(v, default=float)) for k, v in d.items()]
         arr = DiagnosticArray(status=[st])
-        arr.header.stamp = time_to_msg(self.driver.clock.now())
+        arr.header.stamp = time_to_msg(self.clock.now())
         self.pub_diag.publish(arr)
 
     def destroy_node(self) -> None:
@@ -269,8 +260,11 @@ class DriverNode(Node):
             self.get_logger().error(f"stop on shutdown failed: {e}")
         for c in self.cameras:
             c.stop()
-        self.arm.close()
-        self.gripper.close()
+        if self.cell is not None:
+            self.cell.close()
+        else:
+            self.arm.close()
+            self.gripper.close()
         super().destroy_node()
 
 

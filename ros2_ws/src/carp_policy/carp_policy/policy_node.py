@@ -25,6 +25,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Path
+from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
@@ -52,7 +53,7 @@ class PolicyNode(Node):
             "max_skew": 0.05,
         }
         for k, v in p.items():
-            self.declare_parameter(k, v)
+            self.declare_parameter(k, v, ParameterDescriptor(dynamic_typing=True))
         get = lambda k: self.get_parameter(k).value  # noqa: E731
         policy = load_policy(get("model"), device=resolve_device(get("device"), "onnxruntime"))
         self.runner = PolicyRunner(

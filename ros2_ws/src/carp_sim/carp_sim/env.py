@@ -105,9 +105,14 @@ class SimCell:
         task: str | TaskConfig = "cup",
         config: SimConfig | None = None,
         limits: SafetyLimits | None = None,
+        clock=None,
+        driver_config: DriverConfig | None = None,
     ) -> None:
         """``limits``: the driver's safety limits (default: the robot's YAML, with the joint speed
-        limit of ``config``)."""
+        limit of ``config``). ``clock``: the driver's time base (default: the simulated clock, as
+        fast as the CPU allows; the live twin of ``ur5e_driver_node`` passes the wall clock and
+        paces the servo loop itself). ``driver_config``: the driver's settings (default: the
+        config's servo rate with the closed-form IK)."""
         self.task = task if isinstance(task, TaskConfig) else TaskConfig.load(task)
         self.task.validate()
         self.config = config or SimConfig()
@@ -131,8 +136,9 @@ class SimCell:
             self.arm,
             self.gripper,
             limits,
-            DriverConfig(servo_hz=self.config.servo_hz, ik="local", check_controller_poses=False),
-            SimClock(self),
+            driver_config
+            or DriverConfig(servo_hz=self.config.servo_hz, ik="local", check_controller_poses=False),
+            clock or SimClock(self),
         )
         self._renderer: mujoco.Renderer | None = None
         self._video_renderers: dict[tuple[int, int], mujoco.Renderer] = {}
@@ -220,6 +226,11 @@ class SimCell:
         if seconds > 0:
             self.driver.run_for(seconds)
             self._update_status()
+
+    def update_status(self) -> None:
+        """Run the success and failure checks on the current state (``step``, ``run_until`` and
+        ``hold`` do it themselves; a caller that ticks ``driver`` directly calls this)."""
+        self._update_status()
 
     def _update_status(self) -> None:
         snap = self.snapshot()
