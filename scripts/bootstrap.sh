@@ -9,7 +9,8 @@ VENV=${VENV:-$ROOT/.venv}
 PKGS=(carp_policy carp_sim carp_hardware carp_teleop carp_bringup)
 
 stamp_input() {
-  cat requirements.txt scripts/bootstrap.sh
+  cat requirements.txt scripts/bootstrap.sh scripts/ament_develop.py
+  if [ -f ../shared/ros2-launch/SOURCES.txt ]; then cat ../shared/ros2-launch/SOURCES.txt; fi
   for p in "${PKGS[@]}"; do cat "ros2_ws/src/$p/setup.py"; done
 }
 want=$(stamp_input | sha256sum | cut -d' ' -f1)
@@ -31,5 +32,13 @@ echo "[bootstrap] installing the workspace packages (editable)"
 args=()
 for p in "${PKGS[@]}"; do args+=(-e "ros2_ws/src/$p"); done
 pip install -q --no-deps "${args[@]}"
+# The ROS 2 launch system is not on PyPI: where the shared test copy of its sources exists, install it
+# (ros2 launch, launch_ros; tests that need it skip with a reason elsewhere).
+LAUNCH_SRC="$ROOT/../shared/ros2-launch/install.sh"
+if [ -f "$LAUNCH_SRC" ]; then
+  echo "[bootstrap] installing the ROS 2 launch system from ../shared/ros2-launch"
+  bash "$LAUNCH_SRC" "$VENV"
+fi
+"$VENV/bin/python" scripts/ament_develop.py "$VENV"
 echo "$want" > "$VENV/.carp-stamp"
 echo "[bootstrap] ready: $VENV"

@@ -126,6 +126,8 @@ class SimCell:
         self._gripper_cmd = GRIPPER_STROKE
         self._success_since: float | None = None
         self._failure: str | None = None
+        self._start_z = 0.0  # the object's height after the reset settled, for the lift check
+        self._lifted = 0.0
 
     # ------------------------------------------------------------------ episode
     def reset(self, seed: int) -> Observation:
@@ -159,6 +161,8 @@ class SimCell:
         self.done = False
         self._success_since = None
         self._failure = None
+        self._start_z = float(self.object_pose()[0][2])
+        self._lifted = 0.0
         return self.observe()
 
     def step(self, action: np.ndarray) -> Observation:
@@ -224,6 +228,7 @@ class SimCell:
 
     def _update_status(self) -> None:
         snap = self.snapshot()
+        self._lifted = snap.lifted_m
         self._failure = unrecoverable(self.task, snap)
         if self._failure:
             self.done = True
@@ -283,10 +288,14 @@ class SimCell:
         return r.render().copy()
 
     def outcome(self) -> TaskOutcome:
-        """Success check now: ``reason`` is "ok" or what is wrong (e.g. "cup tipped")."""
+        """Success check now: ``reason`` is "ok" or what is wrong (e.g. "cup tipped"). A success
+        counts only once it has held for the task's ``success_hold_s``, at the timeout too."""
         if self._failure:
             return TaskOutcome(False, self._failure)
         result = check(self.task, self.snapshot())
+        hold = self.task.success_hold_s
+        if result.success and (self._success_since is None or self.time - self._success_since < hold - 1e-9):
+            result = TaskOutcome(False, f"success not held for {hold:g} s")
         if not result.success and self.time >= self.max_duration_s and self.layout is not None:
             return TaskOutcome(False, f"timeout ({result.reason})")
         return result
@@ -327,6 +336,7 @@ class SimCell:
             tcp_pos=self.data.site_xpos[self._tcp].copy(),
             target_xy=np.asarray(self.layout.target_xy, dtype=np.float64),
             gripper_contact=self.in_contact_with_gripper(),
+            lifted_m=max(self._lifted, float(pos[2]) - self._start_z),
         )
 
     def in_contact_with_gripper(self, name: str | None = None) -> bool:

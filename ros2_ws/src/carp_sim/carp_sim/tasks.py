@@ -11,15 +11,16 @@ a ``numpy.random.Generator`` seeded by the episode seed, so a seed fixes the who
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from carp_hardware.kinematics import HOME_Q, IKError, ik_nearest, pose_matrix
+from carp_policy.yaml_config import load_yaml
 from carp_sim.cell import (
     BOWL_APOTHEM,
+    BOWL_HEIGHT,
     CUP_HEIGHT,
     CUP_RADIUS,
     FINGER_TIP_BELOW_TCP,
@@ -60,6 +61,7 @@ class TaskConfig:
     success_hold_s: float = 0.5  # success must hold this long before the episode is done
     max_tilt_deg: float = 12.0  # cup counts as upright below this tilt
     arm_clear_m: float = 0.04  # fingertips this far above the object's rim (or to the side) = clear
+    lift_m: float = 0.03  # the object must have been lifted this far off the table (pushing is no grasp)
     expert: dict = field(default_factory=dict)  # expert variety ranges (see expert.py)
 
     @classmethod
@@ -72,12 +74,7 @@ class TaskConfig:
             path = CONFIG_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise FileNotFoundError(f"task config {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown task config keys {sorted(unknown)}; known: {sorted(known)}")
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        cfg = load_yaml(cls, path)
         cfg.validate()
         return cfg
 
@@ -178,6 +175,7 @@ class SceneSnapshot:
     tcp_pos: np.ndarray  # (3,) TCP position, m
     target_xy: np.ndarray  # (2,) centre of the target area / pot
     gripper_contact: bool  # a gripper geom touches the task object
+    lifted_m: float = 0.0  # the highest the object has been above its start height this episode
 
 
 def _tilt_deg(rot: np.ndarray) -> float:
@@ -191,7 +189,12 @@ def _off_table(pos: np.ndarray) -> bool:
 
 
 def check(cfg: TaskConfig, s: SceneSnapshot) -> TaskOutcome:
-    """Evaluate a scene snapshot against the task's success conditions."""
+    """Evaluate a scene snapshot against the task's success conditions.
+
+    Both tasks: the object was lifted (``lift_m``: a push into the area is not a pick), released,
+    and the fingertips are clear of it. Cup: upright, its whole footprint inside the target area,
+    resting on the table. Bowl: inside the pot, resting on its floor. (``SimCell`` also requires the
+    success to hold for ``success_hold_s``.)"""
     name = cfg.name
     pos, rot = s.object_pos, s.object_rot
     if _off_table(pos):
@@ -202,12 +205,14 @@ def check(cfg: TaskConfig, s: SceneSnapshot) -> TaskOutcome:
     if name == "cup":
         if _tilt_deg(rot) > cfg.max_tilt_deg:
             return TaskOutcome(False, "cup tipped")
-        if np.linalg.norm(pos[:2] - target) > TARGET_RADIUS:
+        if np.linalg.norm(pos[:2] - target) + CUP_RADIUS > TARGET_RADIUS:
             return TaskOutcome(False, "cup outside target area")
         if s.gripper_contact:
             return TaskOutcome(False, "cup still held")
         if pos[2] > 0.01:
             return TaskOutcome(False, "cup not resting on table")
+        if s.lifted_m < cfg.lift_m:
+            return TaskOutcome(False, "cup never lifted")
         rim, radius = pos[2] + CUP_HEIGHT, CUP_RADIUS
     else:
         if (
@@ -217,7 +222,9 @@ def check(cfg: TaskConfig, s: SceneSnapshot) -> TaskOutcome:
             return TaskOutcome(False, "bowl not in pot")
         if s.gripper_contact:
             return TaskOutcome(False, "bowl still held")
-        return TaskOutcome(True, "ok")
+        if s.lifted_m < cfg.lift_m:
+            return TaskOutcome(False, "bowl never lifted")
+        rim, radius = pos[2] + BOWL_HEIGHT, BOWL_APOTHEM
     horizontal = np.linalg.norm(tcp[:2] - pos[:2])
     if tip_z < rim + cfg.arm_clear_m and horizontal < radius + 0.06:
         return TaskOutcome(False, "arm not clear")
