@@ -12,7 +12,8 @@
 #   2. LeRobot resume() appends 2 episodes (AV1, its default), finalize(), loads again;
 #      lerobot-dataset-viz --save writes a recording of one of each (if rerun-sdk is installed)
 #   3. our reader, validator and writer on the result: LeRobot's episodes are "unknown", ours keep
-#      their flags; our writer appends an episode; validate --clean; LeRobot loads it again
+#      their flags; our writer appends an episode; validate --clean; LeRobot loads it again and
+#      trains ACT two steps on it (if lerobot[training] is installed)
 #   4. lerobot-edit-dataset delete_episodes / split / merge / recompute_stats; LeRobot loads each
 #   5. our reader and validator on each edit (flags unknown: LeRobot drops our sidecar),
 #      carp-dataset restore-meta brings them back by data match, our writer appends, LeRobot loads
@@ -193,6 +194,18 @@ it = ds[len(ds) - 1]
 assert it["task"] == "appended by carp after lerobot" and abs(float(it["observation.images.wrist"].mean()) - 180 / 255) < 0.02
 print("  LeRobot loads it after our append:", ds.num_episodes, "episodes,", ds.num_frames, "frames")
 PYEOF
+
+if "$LV/bin/python" -c "import accelerate" 2>/dev/null; then  # optional: lerobot[training]==0.6.1 in $LV
+  LD_LIBRARY_PATH="$FF:$AVLIBS:${LD_LIBRARY_PATH:-}" HF_HUB_OFFLINE=1 HF_LEROBOT_HOME="$DATA/hf" OMP_NUM_THREADS=1 \
+    "$LV/bin/lerobot-train" --dataset.repo_id "$REPO" --dataset.root "$D" --policy.type act \
+    --policy.device cpu --policy.pretrained_backbone_weights null --policy.push_to_hub false --steps 2 \
+    --batch_size 2 --num_workers 0 --save_checkpoint false --log_freq 1 --output_dir "$DATA/act" \
+    --wandb.enable false > "$DATA/act.log" 2>&1 || { tail -20 "$DATA/act.log"; exit 1; }
+  echo "  lerobot-train ACT on it (H.264 + AV1 episodes):" \
+    "$(grep -o 'step:2 .* l1_loss:[0-9.]*' "$DATA/act.log" | sed -E 's/ (grdn|lr|updt_s|data_s|smp\/s):[^ ]*//g')"
+else
+  echo "  (lerobot-train skipped: lerobot[training] is not installed in $LV)"
+fi
 
 echo "[check_lerobot] 4. lerobot-edit-dataset on it"
 edit --repo_id "$REPO" --root "$D" --new_repo_id local/del --new_root "$DATA/del" \
