@@ -544,6 +544,28 @@ def test_after_resume_append_everything_still_reads_validates_and_continues(
     assert validate_dataset(root).ok and successes(root)[-2:] == [False, None]
 
 
+def test_a_crash_while_appending_to_lerobots_file_is_rolled_back(ours: Path, tmp_path: Path) -> None:
+    """Our save interrupted just before its commit (info.json) while the last episodes file is
+    LeRobot's: the next writer removes the uncommitted row, sidecar line and files."""
+    root = tmp_path / "crash"
+    shutil.copytree(ours, root)
+    lerobot_resume_append(root, [4])
+    before = (root / "meta/info.json").read_bytes()
+    lerobot_file = read_episode_rows(root)[1][-1][0]
+    append_one(root, 30, True)
+    (root / "meta/info.json").write_bytes(before)  # as if killed before the info.json rename
+    rep = validate_dataset(root)
+    assert rep.ok and any("uncommitted" in w for w in rep.warnings), rep.warnings
+    assert successes(root) == [True, False, None, None]
+    with DatasetWriter.open(root):
+        pass
+    rep = validate_dataset(root)
+    assert rep.ok and not rep.warnings, rep.warnings
+    assert pq.read_table(lerobot_file).num_rows == 1  # LeRobot's row kept, ours rolled back
+    assert len((root / CARP_EPISODES_PATH).read_text().splitlines()) == 3
+    assert append_one(root, 31, False) == 4 and successes(root) == [True, False, None, None, False]
+
+
 def test_old_episode_files_beside_lerobots_are_a_schema_split(ours: Path, tmp_path: Path) -> None:
     """A dataset of the previous version (success/metadata columns, no stats of bookkeeping
     columns) extended by LeRobot: LeRobot cannot load it; we say so, still read it, never guess."""
