@@ -12,10 +12,13 @@
 #   2. LeRobot resume() appends 2 episodes (AV1, its default), finalize(), loads again;
 #      lerobot-dataset-viz --save writes a recording of one of each (if rerun-sdk is installed)
 #   3. our reader, validator and writer on the result: LeRobot's episodes are "unknown", ours keep
-#      their flags; our writer appends an episode; validate --clean; LeRobot loads it again
+#      their flags; our writer appends an episode; validate --clean; LeRobot loads it again and
+#      trains ACT two steps on it (if lerobot[training] is installed)
 #   4. lerobot-edit-dataset delete_episodes / split / merge / recompute_stats; LeRobot loads each
 #   5. our reader and validator on each edit (flags unknown: LeRobot drops our sidecar),
 #      carp-dataset restore-meta brings them back by data match, our writer appends, LeRobot loads
+#   6. resume() with the encoder info.json records (H.264 4:4:4) keeps the dataset one codec, and
+#      the default merge (concatenated videos) then works
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -194,6 +197,18 @@ assert it["task"] == "appended by carp after lerobot" and abs(float(it["observat
 print("  LeRobot loads it after our append:", ds.num_episodes, "episodes,", ds.num_frames, "frames")
 PYEOF
 
+if "$LV/bin/python" -c "import accelerate" 2>/dev/null; then  # optional: lerobot[training]==0.6.1 in $LV
+  LD_LIBRARY_PATH="$FF:$AVLIBS:${LD_LIBRARY_PATH:-}" HF_HUB_OFFLINE=1 HF_LEROBOT_HOME="$DATA/hf" OMP_NUM_THREADS=1 \
+    "$LV/bin/lerobot-train" --dataset.repo_id "$REPO" --dataset.root "$D" --policy.type act \
+    --policy.device cpu --policy.pretrained_backbone_weights null --policy.push_to_hub false --steps 2 \
+    --batch_size 2 --num_workers 0 --save_checkpoint false --log_freq 1 --output_dir "$DATA/act" \
+    --wandb.enable false > "$DATA/act.log" 2>&1 || { tail -20 "$DATA/act.log"; exit 1; }
+  echo "  lerobot-train ACT on it (H.264 + AV1 episodes):" \
+    "$(grep -o 'step:2 .* l1_loss:[0-9.]*' "$DATA/act.log" | sed -E 's/ (grdn|lr|updt_s|data_s|smp\/s):[^ ]*//g')"
+else
+  echo "  (lerobot-train skipped: lerobot[training] is not installed in $LV)"
+fi
+
 echo "[check_lerobot] 4. lerobot-edit-dataset on it"
 edit --repo_id "$REPO" --root "$D" --new_repo_id local/del --new_root "$DATA/del" \
   --operation.type delete_episodes --operation.episode_indices "[1, 4]"
@@ -267,4 +282,42 @@ for name, n in (("del", 6), ("split/a", 3), ("split/b", 3), ("split/c", 4), ("me
     assert ds.num_episodes == n and it["task"] == "appended by carp after an edit", (name, ds.num_episodes)
     print(f"  LeRobot loads {name} after our append: {ds.num_episodes} episodes")
 PYEOF
+echo "[check_lerobot] 6. resume() with the encoder info.json records keeps one codec: the default merge works"
+lerobot - "$DATA" <<'PYEOF'
+import glob, sys
+import av
+import numpy as np
+from lerobot.configs.video import encoder_config_from_video_info
+from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+
+root = sys.argv[1] + "/split/a"
+meta = LeRobotDatasetMetadata("local/a", root=root)
+enc = encoder_config_from_video_info(meta.features["observation.images.wrist"]["info"])
+r = LeRobotDataset.resume("local/a", root=root, rgb_encoder=enc)
+for t in range(6):
+    tn, img = 1_950_000_000_000_000_000 + t, np.full((48, 64, 3), 40 * t, np.uint8)
+    r.add_frame({"observation.state": np.zeros(10, np.float32), "action": np.zeros(10, np.float32),
+                 "observation.environment_state": np.zeros(2, np.float32),
+                 "observation.images.wrist": img, "observation.images.scene": img, "capture_time_ns": np.array([tn]),
+                 **{f"capture_time_ns.{k}": np.array([tn]) for k in ("state", "wrist", "scene", "env_state")},
+                 "task": "appended by lerobot with our encoder"})
+r.save_episode()
+r.finalize()
+codecs = set()
+for f in glob.glob(root + "/videos/*/*/*.mp4"):
+    with av.open(f) as c:
+        codecs.add((c.streams.video[0].codec_context.name, c.streams.video[0].pix_fmt))
+assert codecs == {("h264", "yuv444p")}, codecs
+print(f"  resume(rgb_encoder=encoder_config_from_video_info(...)) wrote {enc.vcodec} {enc.pix_fmt}: every file {codecs}")
+PYEOF
+edit --new_repo_id local/merged2 --new_root "$DATA/merged2" --operation.type merge \
+  --operation.repo_ids "['local/a', 'local/b']" --operation.roots "['$DATA/split/a', '$DATA/split/b']"
+lerobot - "$DATA/merged2" <<'PYEOF'
+import sys
+from lerobot.datasets.lerobot_dataset import LeRobotDataset
+ds = LeRobotDataset("local/merged2", root=sys.argv[1])
+assert ds.num_episodes == 7, ds.num_episodes
+print("  default merge of it with b (videos concatenated): LeRobot loads", ds.num_episodes, "episodes,", ds.num_frames, "frames")
+PYEOF
+carp -m carp_policy.dataset.cli validate "$DATA/merged2" | sed 's/^/  /'
 echo "LEROBOT_OK"

@@ -91,8 +91,9 @@ def chunk_file(position: int) -> tuple[int, int]:
 def stream_key(stream: str) -> str:
     """The capture-time column of one stream (``state``, a camera name, ``env_state``):
     ``capture_time_ns.<stream>``. Not named after the feature key: LeRobot 0.6 takes any stats key
-    containing "image" for an image's and rejects its (1,)-shaped stats."""
-    return f"{CAPTURE_KEY}.{stream}"
+    containing "image" for an image's and rejects its (1,)-shaped stats; so a camera called
+    ``wrist_image`` gets ``capture_time_ns.wrist_img``."""
+    return f"{CAPTURE_KEY}.{stream.replace('image', 'img')}"
 
 
 def seconds_to_ns(t: float) -> int:

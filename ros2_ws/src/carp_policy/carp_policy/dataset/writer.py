@@ -122,13 +122,17 @@ class DatasetWriter:
                 raise ValueError(
                     f"camera {cam!r}: height and width must be even for {self.video.pix_fmt}, got {h}x{w}"
                 )
-        for cam in self.cameras:
-            if "image" in cam or cam in ("state", "env_state"):  # LeRobot: "image" in a key = an image
-                raise ValueError(f"camera name {cam!r}: must not contain 'image' nor be state/env_state")
         # stream name (what add_frame's ``stamps`` uses) -> its capture-time column
         self.streams: dict[str, str] = {
             n: stream_key(n) for n in stream_names(list(self.cameras), bool(self.env_state_names))
         }
+        if len(set(self.streams.values())) < len(self.streams) or len(self.streams) < len(
+            stream_names(list(self.cameras), bool(self.env_state_names))
+        ):
+            raise ValueError(
+                f"camera names {sorted(self.cameras)} collide with each other or with the streams "
+                "'state'/'env_state' in their capture-time columns"
+            )
 
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = open(self.root / LOCK_FILE, "w")
