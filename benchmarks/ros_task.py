@@ -44,6 +44,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=10000)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ros"))
     ap.add_argument("--startup-s", type=float, default=120.0)
+    ap.add_argument("--camera-fps", type=float, default=0.0, help="twin camera fps (0: none)")
     args = ap.parse_args()
 
     os.environ.setdefault("ROS_DOMAIN_ID", str(50 + os.getpid() % 50))
@@ -58,7 +59,8 @@ def main() -> int:
 
     max_s = TaskConfig.load(args.task).max_duration_s
     cmd = [sys.executable, "-m", "carp_bringup.launcher", f"{args.task}_task", "use_sim:=true",
-           f"seed:={args.seed}", f"model:={args.model or args.task}", "device:=cpu"]  # fmt: skip
+           f"seed:={args.seed}", f"model:={args.model or args.task}", "device:=cpu",
+           f"sim_camera_fps:={args.camera_fps}"]  # fmt: skip
     log_path = args.out / f"ros_{args.task}.log"
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "w")
@@ -86,12 +88,14 @@ def main() -> int:
     t_start = time.monotonic()
     try:
         deadline = time.monotonic() + args.startup_s
-        while not episode and time.monotonic() < deadline:
+        while not episode and time.monotonic() < deadline and launch.poll() is None:
             rclpy.spin_once(node, timeout_sec=0.1)
         if not episode:
             raise RuntimeError(f"no /sim/episode within {args.startup_s:.0f} s; see {log_path}")
         seed = episode["seed"]
         while len(results) < args.trials:
+            if launch.poll() is not None:
+                raise RuntimeError(f"the node set exited (code {launch.returncode}); see {log_path}")
             rclpy.spin_once(node, timeout_sec=0.05)
             if episode.get("seed") != seed:
                 continue

@@ -30,7 +30,7 @@ import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
@@ -97,15 +97,14 @@ class DriverNode(Node):
         else:
             raise ValueError(f"ur5e_driver_node: backend must be rtde or sim, got {backend!r}")
         self.backend = backend
-        self._publishers(float(get("state_hz")))
+        self._setup_topics(float(get("state_hz")))
         if backend == "sim":
-            self._sim_extras(float(get("camera_fps")))
-        self._stamp = self.clock.now
+            self._setup_twin(float(get("camera_fps")))
         if backend == "rtde" and bool(get("enable")):
             self.driver.enable()  # on the robot the arm moves only once enabled (service or parameter)
         self._running = True
-        self._loop = threading.Thread(target=self._servo_loop, name="servo", daemon=True)
-        self._loop.start()
+        self._servo_thread = threading.Thread(target=self._servo_loop, name="servo", daemon=True)
+        self._servo_thread.start()
         self.get_logger().info(
             f"driver: backend {backend}, servo {cfg.servo_hz:.0f} Hz, execute {cfg.execute_steps} steps, "
             f"state {self.driver.state.value}"
@@ -133,7 +132,7 @@ class DriverNode(Node):
                 next_t = time.perf_counter()
 
     # ------------------------------------------------------------------ topics and services
-    def _publishers(self, state_hz: float) -> None:
+    def _setup_topics(self, state_hz: float) -> None:
         cbg = ReentrantCallbackGroup()
         self.pub_joints = self.create_publisher(JointState, "/ur5e/joint_states", 10)
         from geometry_msgs.msg import PoseStamped
@@ -147,10 +146,13 @@ class DriverNode(Node):
         for name, fn in (("enable", self._srv_enable), ("stop", self._srv_stop), ("home", self._srv_home),
                          ("acknowledge", self._srv_ack)):  # fmt: skip
             self.create_service(Trigger, f"/ur5e/{name}", fn, callback_group=cbg)
-        self.create_timer(1.0 / state_hz, self._publish_state, callback_group=cbg)
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=cbg)
+        # state in its own exclusive group: published in capture order (the policy's buffers refuse
+        # time going backwards); commands and services beside it, reentrant
+        ordered = MutuallyExclusiveCallbackGroup()
+        self.create_timer(1.0 / state_hz, self._publish_state, callback_group=ordered)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
 
-    def _sim_extras(self, camera_fps: float) -> None:
+    def _setup_twin(self, camera_fps: float) -> None:
         from carp_hardware.camera_node import CameraPublisher
         from carp_hardware.cameras import SimCamera
         from carp_sim.env import CAMERAS
@@ -164,7 +166,7 @@ class DriverNode(Node):
         self.pub_env = self.create_publisher(JointState, "/sim/env_state", 10)
         self.pub_episode = self.create_publisher(String, "/sim/episode", 10)
         self.create_service(Trigger, "/sim/reset", self._srv_reset)
-        self.create_timer(0.1, self._publish_sim)
+        self.create_timer(0.1, self._publish_sim, callback_group=MutuallyExclusiveCallbackGroup())
 
     def _on_chunk(self, msg) -> None:
         try:
@@ -252,8 +254,8 @@ class DriverNode(Node):
 
     def destroy_node(self) -> None:
         self._running = False
-        if self._loop.is_alive():
-            self._loop.join(timeout=2.0)
+        if self._servo_thread.is_alive():
+            self._servo_thread.join(timeout=2.0)
         try:
             self.driver.stop("driver node shutting down")
         except Exception as e:  # the arm is stopped by the controller-side watchdog regardless

@@ -26,7 +26,7 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Path
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
@@ -62,11 +62,15 @@ class PolicyNode(Node):
             clock=lambda: self.get_clock().now().nanoseconds * 1e-9,
         )
         dt = self.runner.config.dt  # the model's control period (its contract)
-        inputs = ReentrantCallbackGroup()
+        # one mutually exclusive group per input: a topic's messages are handled in order (capture
+        # times never go backwards), different topics in parallel, decisions beside them
+        inputs = MutuallyExclusiveCallbackGroup()
         self.create_subscription(PoseStamped, "/ur5e/tcp_pose", self._on_pose, 50, callback_group=inputs)
+        inputs = MutuallyExclusiveCallbackGroup()
         self.create_subscription(
             JointState, "/gripper/joint_states", self._on_gripper, 50, callback_group=inputs
         )
+        inputs = MutuallyExclusiveCallbackGroup()
         self.create_subscription(JointState, "/sim/env_state", self._on_env, 10, callback_group=inputs)
         for cam in policy.cameras:
             self.create_subscription(
@@ -74,7 +78,7 @@ class PolicyNode(Node):
                 f"/cameras/{cam}/image_raw",
                 lambda m, cam=cam: self._on_image(cam, m),
                 qos_profile_sensor_data,
-                callback_group=inputs,
+                callback_group=MutuallyExclusiveCallbackGroup(),
             )
         self.pub_chunk = self.create_publisher(MultiDOFJointTrajectory, "/policy/action_chunk", 10)
         self.pub_path = self.create_publisher(Path, "/policy/path", 10)
@@ -152,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     node = None
     try:
         node = PolicyNode()
-        ex = MultiThreadedExecutor(num_threads=3)
+        ex = MultiThreadedExecutor(num_threads=4)
         ex.add_node(node)
         ex.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
