@@ -49,7 +49,7 @@ class DriverNode(Node):
         super().__init__("ur5e_driver")
         defaults = {"backend": "rtde", "robot_ip": "192.168.1.102", "limits": "default", "config": "default",
                     "execute_steps": 8, "servo_hz": 0.0, "state_hz": 100.0, "enable": False,
-                    "task": "cup", "seed": 10000, "camera_fps": 10.0}  # fmt: skip
+                    "task": "cup", "seed": 10000, "camera_fps": 30.0}  # fmt: skip
         for k, v in defaults.items():
             self.declare_parameter(k, v, ParameterDescriptor(dynamic_typing=True))
         get = lambda k: self.get_parameter(k).value  # noqa: E731
@@ -166,7 +166,7 @@ class DriverNode(Node):
         self.pub_env = self.create_publisher(JointState, "/sim/env_state", 10)
         self.pub_episode = self.create_publisher(String, "/sim/episode", 10)
         self.create_service(Trigger, "/sim/reset", self._srv_reset)
-        self.create_timer(0.1, self._publish_sim, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(0.1, self._publish_episode, callback_group=MutuallyExclusiveCallbackGroup())
 
     def _on_chunk(self, msg) -> None:
         try:
@@ -214,11 +214,18 @@ class DriverNode(Node):
         return self._trigger(reset, res, "reset")
 
     def _publish_state(self) -> None:
-        with self.lock:
+        with self.lock:  # one instant: the arm, the gripper and (the twin) the scene
             st = self.arm.state()
             g = self.gripper.state()
             t = self.clock.now()
+            scene = None if self.cell is None else self.cell.observe().env_state
         stamp = time_to_msg(t)
+        if scene is not None:  # at the state's rate and stamp: no skew between them
+            from carp_sim.env import ENV_STATE_NAMES
+
+            es = JointState(name=list(ENV_STATE_NAMES), position=[float(x) for x in scene])
+            es.header.stamp = stamp
+            self.pub_env.publish(es)
         js = JointState(name=list(JOINT_NAMES), position=[float(x) for x in st.q])
         js.header.stamp = stamp
         self.pub_joints.publish(js)
@@ -227,15 +234,9 @@ class DriverNode(Node):
         gs.header.stamp = stamp
         self.pub_grip.publish(gs)
 
-    def _publish_sim(self) -> None:
+    def _publish_episode(self) -> None:
         with self.lock:
-            obs = self.cell.observe()
             out = self.cell.outcome()
-            t = self.clock.now()
-        es = JointState(name=[f"env_{i}" for i in range(len(obs.env_state))],
-                        position=[float(x) for x in obs.env_state])  # fmt: skip
-        es.header.stamp = time_to_msg(t)
-        self.pub_env.publish(es)
         info = {"seed": self.seed, "sim_time": self.cell.time, "done": bool(self.cell.done),
                 "success": bool(out.success), "reason": out.reason}  # fmt: skip
         self.pub_episode.publish(String(data=json.dumps(info)))
