@@ -73,7 +73,10 @@ def test_cup_task_through_ros_topics_and_the_watchdog_when_the_policy_dies(tmp_p
         tcp.append((time.monotonic(), np.array([p.x, p.y, p.z])))
 
     node.create_subscription(PoseStamped, "/ur5e/tcp_pose", on_tcp, 50)
-    node.create_subscription(JointState, "/sim/env_state", lambda m: env_state.append(np.array(m.position)), 9)
+    def on_env(m) -> None:
+        env_state.append(np.array(m.position))
+
+    node.create_subscription(JointState, "/sim/env_state", on_env, 10)
     node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
