@@ -28,6 +28,7 @@ from carp_policy.actions import (
     StaleObservationError,
     StreamBuffer,
 )
+from carp_policy.images import fit_image
 
 TCP_STREAM, GRIPPER_STREAM, ENV_STREAM = "tcp", "gripper", "env_state"
 
@@ -116,11 +117,12 @@ class PolicyRunner:
         self.streams[GRIPPER_STREAM].push(t, np.array([float(opening)]))
 
     def push_image(self, camera: str, t: float, image: np.ndarray) -> None:
-        """A camera frame (H, W, 3) uint8 RGB captured at t; frames of cameras the policy does not
-        read are ignored."""
+        """A camera frame (H, W, 3) uint8 RGB captured at t, fitted to the model's input size with
+        the one camera-to-policy conversion (``images.fit_image``, as the recorder stores frames);
+        frames of cameras the policy does not read are ignored."""
         buf = self.streams.get(camera)
         if buf is not None and camera in self.policy.cameras:
-            buf.push(t, image)
+            buf.push(t, fit_image(image, tuple(self.contract["cameras"][camera])))
 
     def push_env_state(self, t: float, env_state: np.ndarray) -> None:
         """The scene's measured state (twin-only models)."""

@@ -87,3 +87,21 @@ def test_runner_accepts_samples_from_device_threads_while_it_decides(cup_policy)
     th.join()
     assert chunks and all(np.all(np.isfinite(c.actions)) for c in chunks), reasons
     assert runner.stats.chunks == len(chunks)
+
+
+def test_runner_fits_camera_frames_to_the_model_input_size():
+    """A 640x480 camera frame reaches a visual model as its 120x160 input (images.fit_image)."""
+    policy = load_policy("cup_visual")
+    runner = PolicyRunner(policy, AlignerConfig(max_age=1.0, max_skew=1.0))
+    H, W = policy.contract["cameras"]["wrist"]
+    frame = np.zeros((480, 640, 3), np.uint8)
+    frame[:, 320:] = 200  # right half bright: still the right half after the fit
+    for cam in policy.cameras:
+        runner.push_image(cam, 1.0, frame)
+    runner.push_tcp(1.0, np.r_[-0.4, 0.1, 0.3, 1, 0, 0, 0, -1, 0])
+    runner.push_gripper(1.0, 0.085)
+    obs, _ = runner.aligner.build(1.0)
+    img = obs.images["wrist"][-1]
+    assert img.shape == (H, W, 3) and img[:, : W // 2 - 1].max() == 0 and img[:, W // 2 + 1 :].min() == 200
+    chunk, why = runner.decide(now=1.0)
+    assert why == "" and chunk.actions.shape == (16, 10)
