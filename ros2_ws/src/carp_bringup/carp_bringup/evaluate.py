@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -32,24 +32,20 @@ from carp_policy.cli import UserError, add_device_argument, run_main
 
 
 class Cell(Protocol):
-    """What the protocol needs from a cell (the twin's SimCell, or the real cell with an operator)."""
+    """What the protocol needs from a cell: the twin's ``SimCell``, or the real cell with an
+    operator. Chunks go to the cell's driver (``carp_hardware.driver.ArmDriver``), the loop runs
+    time forward and observes."""
 
     time: float
     max_duration_s: float
     done: bool
+    driver: Any  # carp_hardware.driver.ArmDriver
 
     def reset(self, seed: int) -> Observation: ...
-    def step(self, action: np.ndarray) -> Observation: ...
-    def hold(self, seconds: float) -> None: ...
-    def outcome(self): ...  # -> object with .success: bool and .reason: str
-
-
-class DriverCell(Cell, Protocol):
-    """A cell whose arm runs through the driver core (the twin's SimCell): chunks go to the driver,
-    the loop runs time forward and observes."""
-
     def submit_chunk(self, chunk: ActionChunk): ...  # -> carp_hardware.driver.ChunkResult
     def run_until(self, t: float) -> Observation: ...
+    def hold(self, seconds: float) -> None: ...
+    def outcome(self): ...  # -> object with .success: bool and .reason: str
 
 
 @dataclass
@@ -59,7 +55,9 @@ class EvalConfig:
     task: str = "cup"
     trials: int = 20
     seed: int = 10_000  # trial i uses seed + i; keep it away from the data-collection seeds
-    execute_steps: int = 8  # of the 16 predicted steps, execute this many, then re-plan
+    # of the 16 predicted steps, execute this many, then re-plan; None: the model's contract (its
+    # manifest's execute_steps; 8 for the scripted expert)
+    execute_steps: int | None = None
     account_latency: bool = True  # let sim time pass while the policy computes
     # s: let this much sim time pass per chunk instead of the measured inference time (the same
     # rollouts on a loaded machine as on an idle one); None = the measured time
@@ -103,15 +101,11 @@ def run_trial(
 ) -> TrialResult:
     """Run one closed-loop episode and return its outcome. Appends video frames if a list is given.
 
-    A cell with a driver (``submit_chunk``/``run_until``) runs every chunk through it; a cell that
-    only takes one target per control period (``step``) gets the executed steps one by one."""
-    if not hasattr(cell, "submit_chunk"):
-        return _run_trial_stepwise(cell, policy, seed, cfg, frames)
+    Every chunk goes through the cell's driver (``submit_chunk`` / ``run_until``): the same
+    scheduling, latency compensation, interpolation and limits as on the robot."""
     obs = cell.reset(seed)
     policy.reset()
-    driver = getattr(cell, "driver", None)
-    if driver is not None:
-        driver.executor.execute_steps = cfg.execute_steps
+    cell.driver.executor.execute_steps = cfg.execute_steps
     history = ObservationHistory(policy.obs_horizon)
     stacked = history.push(obs)
     latencies: list[float] = []
@@ -153,58 +147,6 @@ def run_trial(
         plans=plans,
         latency_ms=latencies,
         refused=refused,
-    )
-
-
-def _run_trial_stepwise(
-    cell: Cell,
-    policy: Policy,
-    seed: int,
-    cfg: EvalConfig,
-    frames: list[np.ndarray] | None = None,
-) -> TrialResult:
-    """``run_trial`` for a cell without a driver: the loop drops past steps and sends the rest."""
-    obs = cell.reset(seed)
-    policy.reset()
-    history = ObservationHistory(policy.obs_horizon)
-    stacked = history.push(obs)
-    latencies: list[float] = []
-    steps = plans = 0
-
-    def grab() -> None:
-        if frames is not None:
-            frames.append(cell.render_video_frame(*cfg.video_size))
-
-    grab()
-    while not cell.done and cell.time < cell.max_duration_s:
-        t0 = time.perf_counter()
-        chunk: ActionChunk = policy.predict(stacked)
-        latency = time.perf_counter() - t0
-        latencies.append(latency * 1e3)
-        plans += 1
-        if cfg.account_latency:
-            cell.hold(latency if cfg.sim_latency_s is None else cfg.sim_latency_s)
-        # Latency compensation: steps meant for a time that has already passed are dropped.
-        first = int(np.searchsorted(chunk.step_times(), cell.time + 1e-9))
-        todo = chunk.actions[first : first + cfg.execute_steps]
-        if len(todo) == 0:  # the whole chunk is stale: re-plan from a fresh observation
-            continue
-        for action in todo:
-            obs = cell.step(action)
-            stacked = history.push(obs)
-            steps += 1
-            grab()
-            if cell.done or cell.time >= cell.max_duration_s:
-                break
-    outcome = cell.outcome()
-    return TrialResult(
-        seed=seed,
-        success=bool(outcome.success),
-        reason=str(outcome.reason),
-        steps=steps,
-        duration_s=float(cell.time),
-        plans=plans,
-        latency_ms=latencies,
     )
 
 
@@ -347,6 +289,8 @@ def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", 
     out.mkdir(parents=True, exist_ok=True)
     is_expert = policy_spec == "expert"
     policy = None if is_expert else load_policy(policy_spec, device=device, cfg=cfg)
+    if cfg.execute_steps is None:  # what the model was made to run with, recorded in results.json
+        cfg.execute_steps = 8 if policy is None else int(policy.contract["execute_steps"])
     if sim_config is None:  # render only the cameras the policy looks at (none for state policies)
         cams = () if policy is None else tuple(policy.cameras)
         sim_config = SimConfig(cameras=cams, render=bool(cams))
@@ -407,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--seed", type=int, default=10_000, help="trial i uses seed+i (keep away from data seeds)")
     p.add_argument(
-        "--execute-steps", type=int, default=8, help="steps of each 16-step chunk executed before re-planning"
+        "--execute-steps",
+        type=int,
+        default=None,
+        help="steps of each 16-step chunk executed before re-planning (default: the model's own)",
     )
     p.add_argument(
         "--ensemble-grid",
@@ -433,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.trials < 1:
         p.error("--trials must be >= 1")
-    if not 1 <= a.execute_steps <= 16:
+    if a.execute_steps is not None and not 1 <= a.execute_steps <= 16:
         p.error("--execute-steps must be in 1..16")
     cfg = EvalConfig(
         task=a.task,
