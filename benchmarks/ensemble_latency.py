@@ -37,10 +37,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from carp_policy.carp import CarpPolicy
     from carp_policy.engine import OnnxPolicy
-    from carp_policy.export import _random_observation, export_policy
-    from carp_policy.factory import ShiftEnsemble
+    from carp_policy.export import export_policy
+    from carp_policy.export import random_observation as _random_observation
+    from carp_policy.policies.carp.modeling_carp import CarpPolicy
+    from carp_policy.policies.ensemble import ShiftEnsemble
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -81,10 +81,11 @@ def bench_variant(variant: str, args: argparse.Namespace, tmp: Path, notes: list
     """All measurements of one variant (state / visual); returns result rows."""
     import torch
 
-    from carp_policy.carp import CarpPolicy
-    from carp_policy.config import CarpConfig
     from carp_policy.engine import OnnxPolicy
-    from carp_policy.export import _random_observation, export_policy
+    from carp_policy.export import export_policy
+    from carp_policy.export import random_observation as _random_observation
+    from carp_policy.policies.carp.configuration_carp import CarpConfig
+    from carp_policy.policies.carp.modeling_carp import CarpPolicy
 
     rows: list[dict] = []
     norm = _normalizer()
@@ -139,22 +140,24 @@ def bench_variant(variant: str, args: argparse.Namespace, tmp: Path, notes: list
 
     # --- DP-C (optional: needs diffusers)
     try:
-        from carp_policy.diffusion import DiffusionConfig, DiffusionPolicy
+        from carp_policy.policies.diffusion.modeling_diffusion import DiffusionConfig, DiffusionPolicy
     except ImportError as e:
         notes.append(f"DP-C skipped: {e} (install diffusers to measure the baseline)")
         return rows
     torch.manual_seed(0)
     dcfg = DiffusionConfig.load(f"diffusion_{variant}")
-    dpc = DiffusionPolicy(dcfg, norm).eval()
+    dpc = DiffusionPolicy(dcfg, norm)
     dout = tmp / f"dpc_{variant}"
-    print(f"[{variant}] exporting DP-C ({sum(p.numel() for p in dpc.parameters()) / 1e6:.1f}M params) ...")
+    print(
+        f"[{variant}] exporting DP-C ({sum(p.numel() for p in dpc.model.parameters()) / 1e6:.1f}M params) ..."
+    )
     export_policy(dpc, dout, parity_samples=1, verbose=False)
     for sampler, steps, label in (("ddpm", 100, "DP-C-100 (DDPM)"), ("ddim", 10, "DP-C-10 (DDIM)")):
         budget = args.dpc_budget_s
         for dev in ["cpu"] + (["cuda"] if cuda and torch.cuda.is_available() else []):
-            model = dpc if dev == "cpu" else DiffusionPolicy(dcfg, norm).to("cuda").eval()
-            if dev == "cuda":
-                model.load_state_dict(dpc.state_dict())
+            model = (
+                dpc if dev == "cpu" else DiffusionPolicy(dcfg, norm, dpc.model.state_dict(), device="cuda")
+            )
             model.config.noise.sampler, model.config.noise.num_inference_steps = sampler, steps
             s, _ = measure(model.predict, obs_list, args.runs, 2, budget)
             row(f"{label} torch", dev, s)

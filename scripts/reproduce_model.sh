@@ -29,7 +29,8 @@ if [ ! -f "$DATA/meta/info.json" ]; then
   "$BIN/carp-sim" collect --task "$TASK" --episodes 50 --out "$DATA" --seed 0 --expert-variety "$VARIETY"
 fi
 if [ ! -f "runs/$NAME/policy_report.json" ]; then
-  "$BIN/carp-train" --config "$CONFIG" --dataset "$DATA" --out "runs/$NAME" "$@"
+  # the task goes into the run config and the manifest: carp-eval refuses a model made for another
+  "$BIN/carp-train" --config "$CONFIG" --dataset "$DATA" --out "runs/$NAME" --set "task=$TASK" "$@"
 fi
 "$BIN/carp-export" --run "runs/$NAME" --out "$DEST"
 

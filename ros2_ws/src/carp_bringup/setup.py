@@ -23,6 +23,9 @@ setup(
     description="Launch files, YAML parameters, the stack runner and the evaluation protocol.",
     license="Apache-2.0",
     entry_points={
-        "console_scripts": ["carp-eval = carp_bringup.evaluate:main"],
+        "console_scripts": [
+            "carp-eval = carp_bringup.evaluate:main",
+            "carp-launch = carp_bringup.launcher:main",
+        ],
     },
 )

@@ -22,6 +22,9 @@ setup(
     description="Camera node, UR5e driver node (+ Robotiq 2F-85), UR5e kinematics and safety limits.",
     license="Apache-2.0",
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            "ur5e_driver_node = carp_hardware.driver_node:main",
+            "camera_node = carp_hardware.camera_node:main",
+        ],
     },
 )

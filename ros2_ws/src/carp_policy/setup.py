@@ -25,6 +25,8 @@ setup(
             "carp-train = carp_policy.train:main",
             "carp-dataset = carp_policy.dataset.cli:main",
             "carp-export = carp_policy.export:main",
+            "carp-manifest = carp_policy.manifest:main",
+            "policy_node = carp_policy.policy_node:main",
         ],
     },
 )

@@ -18,6 +18,6 @@ setup(
     description="SpaceMouse reader, teleoperation node and demonstration recorder node.",
     license="Apache-2.0",
     entry_points={
-        "console_scripts": [],
+        "console_scripts": ["carp-record = carp_teleop.record:main"],
     },
 )

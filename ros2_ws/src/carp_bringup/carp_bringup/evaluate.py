@@ -28,6 +28,7 @@ from typing import Protocol
 import numpy as np
 
 from carp_policy.actions import ActionChunk, Observation, ObservationHistory, Policy
+from carp_policy.cli import UserError, add_device_argument, run_main
 
 
 class Cell(Protocol):
@@ -64,7 +65,7 @@ class EvalConfig:
     # rollouts on a loaded machine as on an idle one); None = the measured time
     sim_latency_s: float | None = None
     videos: int = 2  # rollout MP4s for the first N trials
-    # shift ensemble (carp_policy.config.EnsembleConfig): None runs the model's own setting
+    # shift ensemble (carp_policy.policies.base.EnsembleConfig): None runs the model's own setting
     ensemble_grid: int | None = None
     ensemble_radius: float = 0.0
     video_size: tuple[int, int] = (240, 320)
@@ -214,14 +215,19 @@ def _run_trial_stepwise(
 
 def load_policy(spec: str, device: str = "cpu", cfg: EvalConfig | None = None) -> Policy:
     """A trained run directory, an exported model directory, or a released model name, with the
-    shift ensemble ``cfg`` asks for (the model's own when it asks for none)."""
+    shift ensemble ``cfg`` asks for (the model's own when it asks for none). A model made for
+    another task than ``cfg.task`` is refused (ValueError naming both)."""
     from carp_policy import load_policy as _load
-    from carp_policy.config import EnsembleConfig
+    from carp_policy.policies.base import EnsembleConfig
 
     ensemble = None
     if cfg is not None and cfg.ensemble_grid is not None:
         ensemble = EnsembleConfig(grid=cfg.ensemble_grid, radius=cfg.ensemble_radius)
-    return _load(spec, device=device, ensemble=ensemble)
+    policy = _load(spec, device=device, ensemble=ensemble)
+    task = policy.contract.get("task")
+    if cfg is not None and task and task != cfg.task:
+        raise ValueError(f"{spec} is a model for task {task!r}, not {cfg.task!r} (use --task {task})")
+    return policy
 
 
 def _git_commit() -> str:
@@ -369,7 +375,7 @@ def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", 
     finally:
         cell.close()
     summary = summarize(results, cfg, policy_spec)
-    from carp_policy.factory import ShiftEnsemble
+    from carp_policy.policies.ensemble import ShiftEnsemble
 
     ens = policy.config if isinstance(policy, ShiftEnsemble) else None
     summary["ensemble"] = {"grid": ens.grid, "radius": ens.radius} if ens else {"grid": 1, "radius": 0.0}
@@ -427,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         help="let this much sim time pass per chunk instead of the measured inference time "
         "(reproducible rollouts on a loaded machine)",
     )
-    p.add_argument("--device", default="cpu")
+    add_device_argument(p)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     if a.trials < 1:
@@ -445,13 +451,16 @@ def main(argv: list[str] | None = None) -> int:
         ensemble_grid=a.ensemble_grid,
         ensemble_radius=a.ensemble_radius,
     )
-    try:
-        summary = evaluate(cfg, a.policy, a.out, device=a.device)
-    except (FileNotFoundError, ValueError, KeyError) as e:
-        print(f"carp-eval: error: {e}", file=sys.stderr)
-        return 2
-    print_summary(summary, a.out)
-    return 0
+
+    def body() -> int:
+        try:
+            summary = evaluate(cfg, a.policy, a.out, device=a.device)
+        except KeyError as e:  # an unknown task or camera name
+            raise UserError(str(e)) from e
+        print_summary(summary, a.out)
+        return 0
+
+    return run_main("carp-eval", body)
 
 
 if __name__ == "__main__":

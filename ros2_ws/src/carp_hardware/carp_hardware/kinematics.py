@@ -33,6 +33,9 @@ TCP_OFFSET = 0.16
 
 # UR5e joint limits (rad). The elbow is limited to +-pi to keep the forearm out of the upper arm.
 JOINT_LIMITS = np.array([[-2 * np.pi, 2 * np.pi]] * 2 + [[-np.pi, np.pi]] + [[-2 * np.pi, 2 * np.pi]] * 3)
+# The arm's home configuration (elbow up, wrist down, gripper over the table): where an episode
+# starts near, the driver's home move goes, and the IK reference for top-down poses.
+HOME_Q = np.array([0.0, -1.75, 1.85, -1.67, -1.5708, 0.0])
 _DEFAULT_WEIGHTS = np.array([1.0, 1.0, 1.0, 0.5, 0.5, 0.3])  # ik_nearest: wrist joints count less
 
 

@@ -1,8 +1,9 @@
 """carp_policy: learning for the CARP robot stack.
 
-The CARP tokenizer and transformer, observation encoders, datasets, training, ONNX export and the
-onnxruntime engine, and the policy families (CARP, DP-C). Importing the package is cheap (no torch):
-``carp_policy.actions`` and ``carp_policy.dataset`` work on machines without torch.
+The policy families (``policies/``: CARP, DP-C), their shared observation encoders, normalisation
+and processor, datasets, training, ONNX export and the onnxruntime engine. Importing the package is
+cheap (no torch): ``carp_policy.actions``, ``carp_policy.dataset`` and the engine work on machines
+without torch.
 """
 
 from carp_policy.factory import load_policy

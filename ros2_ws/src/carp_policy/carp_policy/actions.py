@@ -3,7 +3,7 @@
 This module is the contract between the policy, the driver, the recorder and the twin. It imports
 no torch and no rclpy, so a driver or a recorder can use it on a machine without either.
 
-Conventions (DESIGN.md):
+Conventions (docs/design.md):
 - units SI (m, rad, s), poses in the robot base frame;
 - an action / state vector is ``[x, y, z, r6d_0..r6d_5, gripper]`` (10 numbers): TCP position,
   rotation6d (the first two *columns* of the rotation matrix, column-major:

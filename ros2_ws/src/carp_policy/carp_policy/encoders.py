@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from carp_policy.config import EncoderConfig
+from carp_policy.policies.base import EncoderConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -54,6 +54,11 @@ def env_position_dims(state_names: list[str]) -> tuple[list[int], list[int]]:
     return dims, axes
 
 
+def _is_tensor(x: Any) -> bool:
+    """A torch tensor, told without importing torch (the engine runs without it)."""
+    return type(x).__module__.startswith("torch")
+
+
 def _copy(x: Any) -> Any:
     """A copy of a NumPy array or a torch tensor (the frame changes run on both)."""
     return x.clone() if hasattr(x, "clone") else np.array(x, copy=True)
@@ -71,6 +76,7 @@ class Normalizer:
     frame: str = "absolute"  # "absolute" | "relative" (positions from the TCP, see the module doc)
 
     def __post_init__(self) -> None:
+        self._cache: dict[tuple[str, str], tuple[Any, Any]] = {}  # float32 (scale, offset) per device
         # positions of the scene in the state and the TCP axis of each (see env_position_dims): the
         # frame change runs on every inference and training batch, so they are found once
         self.env_dims, self.env_axes = env_position_dims(self.state_names)
@@ -175,30 +181,49 @@ class Normalizer:
     def _state_scale_offset(self) -> tuple[np.ndarray, np.ndarray]:
         return self._scale_offset(self.state_min, self.state_max, passthrough_dims(self.state_names))
 
-    def normalize_state(self, x: np.ndarray) -> np.ndarray:
-        """(..., S) physical state -> the policy's frame, normalised."""
-        s, o = self._state_scale_offset()
-        return ((self.state_to_frame(np.asarray(x, np.float64)) - o) / s).astype(np.float32)
+    def _params(self, which: str, like: Any) -> tuple[Any, Any]:
+        """(scale, offset) of 'state' or 'action' as float32, NumPy or torch on ``like``'s device."""
+        key = (which, str(like.device) if _is_tensor(like) else "numpy")
+        if key not in self._cache:
+            s, o = (
+                self._state_scale_offset()
+                if which == "state"
+                else self._scale_offset(self.action_min, self.action_max)
+            )
+            s, o = s.astype(np.float32), o.astype(np.float32)
+            if _is_tensor(like):
+                import torch
 
-    def normalize_action(self, x: np.ndarray) -> np.ndarray:
-        """(..., 10) action in the policy's frame (``actions_to_frame``) -> normalised."""
-        s, o = self._scale_offset(self.action_min, self.action_max)
-        return ((x - o) / s).astype(np.float32)
+                s, o = torch.as_tensor(s, device=like.device), torch.as_tensor(o, device=like.device)
+            self._cache[key] = (s, o)
+        return self._cache[key]
 
-    def unnormalize_action(self, x: np.ndarray) -> np.ndarray:
-        """(..., 10) normalised action -> physical units in the policy's frame (float64); a relative
-        chunk still needs ``actions_from_frame`` before it means a pose."""
+    # The arithmetic below is the one every path shares (torch and ONNX inference, training): the
+    # frame change at the input's precision, then float32, so both runtimes see identical inputs.
+    def normalize_state(self, x: Any) -> Any:
+        """(..., S) physical state (NumPy or torch) -> the policy's frame, normalised, float32."""
+        s, o = self._params("state", x)
+        y = self.state_to_frame(x)
+        y = y.float() if _is_tensor(y) else np.asarray(y).astype(np.float32)
+        return (y - o) / s
+
+    def normalize_action(self, x: Any, state_now: Any = None) -> Any:
+        """(..., H, 10) actions (NumPy or torch) -> normalised float32. With ``state_now`` (..., S) the
+        actions are physical and first changed to the policy's frame; without, already in it."""
+        if state_now is not None:
+            x = self.actions_to_frame(x, state_now)
+        s, o = self._params("action", x)
+        y = x.float() if _is_tensor(x) else np.asarray(x).astype(np.float32)
+        return (y - o) / s
+
+    def unnormalize_action(self, x: Any) -> Any:
+        """(..., 10) normalised action -> physical units in the policy's frame (NumPy: float64; torch:
+        float32 on its device); a relative chunk still needs ``actions_from_frame`` to mean a pose."""
+        if _is_tensor(x):
+            s, o = self._params("action", x)
+            return x * s + o
         s, o = self._scale_offset(self.action_min, self.action_max)
         return np.asarray(x, dtype=np.float64) * s + o
-
-    def torch_params(self, which: str) -> tuple[np.ndarray, np.ndarray]:
-        """(scale, offset) as float32 arrays for 'state' or 'action', for batched torch use."""
-        s, o = (
-            self._state_scale_offset()
-            if which == "state"
-            else self._scale_offset(self.action_min, self.action_max)
-        )
-        return s.astype(np.float32), o.astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""

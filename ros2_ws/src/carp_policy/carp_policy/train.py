@@ -28,21 +28,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from carp_policy.actions import GRIPPER, POS, ROT6D, rotation_error_deg
-from carp_policy.carp import CarpModel, count_parameters
-from carp_policy.config import CarpConfig, config_path
+from carp_policy.cli import UserError, add_device_argument, resolve_device, run_main
 from carp_policy.normalization import Normalizer
+from carp_policy.policies import PolicyConfig, get_family
+from carp_policy.policies import load_config as _load_config
+from carp_policy.policies.carp.modeling_carp import count_parameters
 
 
 # ----------------------------------------------------------------------------- data
-def open_dataset(spec: str, cfg: CarpConfig, seed: int) -> tuple[Dataset, Dataset, Dataset, Normalizer, Any]:
+def open_dataset(
+    spec: str, cfg: PolicyConfig, seed: int
+) -> tuple[Dataset, Dataset, Dataset, Normalizer, Any]:
     """Dataset directory (or ``synthetic[:N]``) -> (train windows, val windows, train action-only
     windows, normalizer, episodes). Images are only loaded where the encoder needs them."""
     enc = cfg.encoder
@@ -74,7 +77,7 @@ def open_dataset(spec: str, cfg: CarpConfig, seed: int) -> tuple[Dataset, Datase
     if len(ds) < 2:
         raise ValueError(f"dataset {spec} has {len(ds)} episode(s); need at least 2 (train + validation)")
     train_idx, val_idx = split_episodes(len(ds), val_fraction=cfg.train.val_fraction, seed=seed)
-    H = cfg.horizon if getattr(cfg, "family", "carp") == "diffusion" else cfg.tokenizer.horizon
+    H = cfg.horizon
     train = windows(ds, train_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     val = windows(ds, val_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     actions_only = windows(ds, train_idx, obs_horizon=1, action_horizon=H, cameras=[])
@@ -92,14 +95,11 @@ def infinite(loader: DataLoader) -> Iterator[dict]:
 
 
 class BatchNormalizer:
-    """Moves a collated batch to the device, changes it to the policy's frame and normalises it."""
+    """Moves a collated batch to the device, changes it to the policy's frame and normalises it
+    (the normalizer's one arithmetic, as at inference: carp_policy.processor)."""
 
     def __init__(self, normalizer: Normalizer, device: torch.device, shift: float = 0.0) -> None:
         self.device, self.normalizer, self.shift = device, normalizer, shift
-        s, o = normalizer.torch_params("state")
-        self.s_scale, self.s_off = torch.from_numpy(s).to(device), torch.from_numpy(o).to(device)
-        a, b = normalizer.torch_params("action")
-        self.a_scale, self.a_off = torch.from_numpy(a).to(device), torch.from_numpy(b).to(device)
 
     def __call__(self, batch: dict, augment: bool = False) -> tuple[dict, torch.Tensor]:
         """Collated batch -> (observation batch for the encoder, (B, H, D) normalised actions).
@@ -111,10 +111,9 @@ class BatchNormalizer:
             d = (torch.rand(raw.shape[0], 1, 2, device=self.device) * 2 - 1) * self.shift  # (B, 1, 2)
             raw, action = nz.shift_xy(raw, d), action.clone()
             action[..., :2] += d
-        state = (nz.state_to_frame(raw) - self.s_off) / self.s_scale
-        action = nz.actions_to_frame(action, raw[:, -1])
+        state = nz.normalize_state(raw)
         obs = {"state": state, "images": {k: v.to(self.device) for k, v in batch["images"].items()}}
-        return obs, (action - self.a_off) / self.a_scale
+        return obs, nz.normalize_action(action, raw[:, -1])
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -224,7 +223,7 @@ def _load_state(path: Path, device: torch.device, **modules: Any) -> int:
     return st["step"]
 
 
-def _loader(ds: Dataset, cfg: CarpConfig, seed: int, shuffle: bool = True) -> DataLoader:
+def _loader(ds: Dataset, cfg: PolicyConfig, seed: int, shuffle: bool = True) -> DataLoader:
     return DataLoader(
         ds,
         batch_size=cfg.train.batch_size,
@@ -237,8 +236,8 @@ def _loader(ds: Dataset, cfg: CarpConfig, seed: int, shuffle: bool = True) -> Da
 
 # ----------------------------------------------------------------------------- stage 1
 def train_tokenizer(
-    model: CarpModel,
-    cfg: CarpConfig,
+    model: nn.Module,
+    cfg: PolicyConfig,
     data: Dataset,
     val: Dataset,
     norm: BatchNormalizer,
@@ -306,7 +305,7 @@ def tokenizer_report(
     train: Dataset,
     norm: BatchNormalizer,
     normalizer: Normalizer,
-    cfg: CarpConfig,
+    cfg: PolicyConfig,
 ) -> dict:
     """Codebook usage over the training windows, reconstruction error on held-out windows (physical)."""
     tok.eval()
@@ -333,9 +332,15 @@ def tokenizer_report(
 
 
 # ----------------------------------------------------------------------------- stage 2
+def policy_ema(net: nn.Module, decay: float) -> AveragedModel:
+    """The EMA of the policy stage's weights (buffers too): what evaluation and export use.
+    ``ema.update_parameters(net)`` after every optimiser step."""
+    return AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train_policy(
-    model: CarpModel,
-    cfg: CarpConfig,
+    model: nn.Module,
+    cfg: PolicyConfig,
     data: Dataset,
     val: Dataset,
     norm: BatchNormalizer,
@@ -347,17 +352,9 @@ def train_policy(
 ) -> dict:
     """Train encoder + transformer on the frozen tokenizer's tokens; EMA weights to policy.safetensors."""
     tc, device = cfg.train, norm.device
-    is_carp = getattr(cfg, "family", "carp") == "carp"
-    if is_carp:
-        tok_path = run / "tokenizer.safetensors"
-        if not tok_path.exists():
-            raise FileNotFoundError(f"{tok_path} missing: run --stage tokenizer first (or --stage all)")
-        model.load_state_dict(load_file(str(tok_path), device=str(device)), strict=False)
-        model.tokenizer.eval().requires_grad_(False)
-        net = nn.ModuleDict({"encoder": model.encoder, "gpt": model.gpt}).train()
-    else:  # DP-C: no tokenizer; the EMA keys ("encoder.*", "unet.*") are DiffusionPolicy's own
-        net = nn.ModuleDict({"encoder": model.encoder, "unet": model.unet}).train()
-    ema = AveragedModel(net, multi_avg_fn=get_ema_multi_avg_fn(tc.ema_decay), use_buffers=True)
+    model.prepare_policy_stage(run, device)  # CARP: the frozen tokenizer of stage 1
+    net = model.policy_stage_modules().train()  # its keys are those of policy.safetensors
+    ema = policy_ema(net, tc.ema_decay)
     decay, no_decay = [], []
     for name, p in net.named_parameters():  # no weight decay on norms, biases and embeddings
         (decay if p.ndim >= 2 and "embed" not in name else no_decay).append(p)
@@ -370,7 +367,7 @@ def train_policy(
     state_path, start = run / "train_state_policy.pt", 0
     if resume and state_path.exists():
         start = _load_state(state_path, device, model=net, ema=ema, opt=opt, sched=sched)
-    fields = ["step", "loss", *(["token_acc"] if is_carp else []), "lr"]
+    fields = ["step", "loss", *model.policy_log_fields, "lr"]
     log = LossLog(run / "loss_policy.csv", fields, resume)
     it = infinite(_loader(data, cfg, seed + 1))
     t0 = time.perf_counter()
@@ -402,41 +399,22 @@ def train_policy(
             )
     speed = (steps - start) / max(time.perf_counter() - t0, 1e-9)
     report = policy_report(model, ema.module, val, norm, normalizer, cfg)
-    report.update(
-        steps=steps,
-        steps_per_s=speed,
-        parameters={"encoder": count_parameters(model.encoder)}
-        | (
-            {"transformer": count_parameters(model.gpt), "tokenizer": count_parameters(model.tokenizer)}
-            if is_carp
-            else {"unet": count_parameters(model.unet)}
-        ),
-    )
+    report.update(steps=steps, steps_per_s=speed, parameters=model.parameter_counts())
     (run / "policy_report.json").write_text(json.dumps(_jsonable(report), indent=1))
     return report
 
 
 @torch.no_grad()
 def policy_report(
-    model: CarpModel,
+    model: nn.Module,
     ema_net: nn.Module,
     val: Dataset,
     norm: BatchNormalizer,
     normalizer: Normalizer,
-    cfg: CarpConfig,
+    cfg: PolicyConfig,
 ) -> dict:
     """Greedy chunks of the EMA policy on held-out windows vs the demonstrated actions (physical)."""
-    if getattr(cfg, "family", "carp") == "diffusion":
-        from carp_policy.diffusion import DiffusionPolicy
-
-        eval_model = DiffusionPolicy(cfg, normalizer).to(norm.device)
-        eval_model.load_state_dict(ema_net.state_dict())
-    else:
-        eval_model = CarpModel(cfg).to(norm.device)
-        eval_model.tokenizer.load_state_dict(model.tokenizer.state_dict())
-        eval_model.encoder.load_state_dict(ema_net["encoder"].state_dict())
-        eval_model.gpt.load_state_dict(ema_net["gpt"].state_dict())
-    eval_model.eval()
+    eval_model = model.with_policy_weights(ema_net).eval()
     preds, trues = [], []
     for i, batch in enumerate(_loader(val, cfg, 0, shuffle=False)):
         if i >= cfg.train.val_batches:
@@ -450,26 +428,10 @@ def policy_report(
 
 
 # ----------------------------------------------------------------------------- CLI
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """CarpConfig, or DiffusionConfig where the YAML says ``family: diffusion`` (a path or a shipped
-    name), with ``section.key=value`` overrides applied (values parsed as YAML: ``[64, 128]``, ``8``)."""
-    raw = yaml.safe_load(config_path(path).read_text()) or {}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set needs section.key=value, got {item!r}")
-        *sections, leaf = key.split(".")
-        node = raw
-        for name in sections:
-            node = node.setdefault(name, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"--set {item!r}: {name!r} is not a config section")
-        node[leaf] = yaml.safe_load(value)  # unknown keys are refused by from_dict below
-    if raw.get("family", "carp") == "diffusion":
-        from carp_policy.diffusion import DiffusionConfig
-
-        return DiffusionConfig.from_dict(raw)
-    return CarpConfig.from_dict(raw)
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PolicyConfig:
+    """The config of the family the YAML names (a path or a shipped name), with ``section.key=value``
+    overrides applied (values parsed as YAML: ``[64, 128]``, ``8``); the registry's loader."""
+    return _load_config(path, overrides)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -486,7 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["tokenizer", "policy", "all"], default="all")
     p.add_argument("--resume", action="store_true", help="continue from the run's train_state_<stage>.pt")
     p.add_argument("--seed", type=int, default=None, help="overrides train.seed")
-    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
+    add_device_argument(p)
     p.add_argument("--tokenizer-steps", type=int, default=None, help="overrides train.tokenizer_steps")
     p.add_argument("--policy-steps", type=int, default=None, help="overrides train.policy_steps")
     p.add_argument("--batch-size", type=int, default=None, help="overrides train.batch_size")
@@ -503,14 +465,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``carp-train``."""
     args = build_parser().parse_args(argv)
+    return run_main("carp-train", lambda: train(args))
+
+
+def train(args: argparse.Namespace) -> int:
+    """``carp-train`` with parsed arguments."""
     run = Path(args.out)
     run.mkdir(parents=True, exist_ok=True)
     # a resumed run keeps its own resolved config; a fresh one resolves --config plus overrides
     resumed = args.resume and (run / "config.yaml").exists()
     if resumed and args.set:
-        raise SystemExit("carp-train: --set cannot change a resumed run's config (it keeps config.yaml)")
+        raise UserError("--set cannot change a resumed run's config (it keeps config.yaml)")
     cfg = load_config(run / "config.yaml" if resumed else args.config, args.set)
-    is_carp = getattr(cfg, "family", "carp") == "carp"
     tc = cfg.train
     for arg, field in (
         ("seed", "seed"),
@@ -520,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if getattr(args, arg) is not None:
             setattr(tc, field, getattr(args, arg))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(resolve_device(args.device))
     if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
         # On GPU the CPU only collates batches and launches kernels. torch's default of one OpenMP
         # thread per core makes several runs on one machine oversubscribe it, and every small CPU op
@@ -530,12 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     train_ds, val_ds, act_ds, normalizer, episodes = open_dataset(args.dataset, cfg, tc.seed)
     cfg.save(run / "config.yaml")
     normalizer.save(run / "normalization.json")
-    if is_carp:
-        model = CarpModel(cfg).to(device)
-    else:
-        from carp_policy.diffusion import DiffusionPolicy
-
-        model = DiffusionPolicy(cfg, normalizer).to(device)
+    model = get_family(cfg.family).model_class(cfg).to(device)
     norm = BatchNormalizer(normalizer, device, tc.shift_augment)
     print(
         f"carp-train: {cfg.name} on {args.dataset} ({len(episodes)} episodes, {len(train_ds)} train / "
@@ -543,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
         file=sys.stderr,
     )
     summary: dict[str, Any] = {"run": str(run), "config": cfg.name}
-    if args.stage in ("tokenizer", "all") and is_carp:
+    if args.stage in ("tokenizer", "all") and "tokenizer" in model.stages:
         summary["tokenizer"] = train_tokenizer(
             model, cfg, act_ds, val_ds, norm, normalizer, run, tc.tokenizer_steps, args.resume, tc.seed
         )

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from carp_policy.actions import ActionChunk, Observation, Policy
-from carp_policy.carp import CarpModel, CarpPolicy, count_parameters, sample_tokens
-from carp_policy.config import CarpConfig, EncoderConfig, TokenizerConfig, TransformerConfig
 from carp_policy.normalization import Normalizer
+from carp_policy.policies.base import EncoderConfig
+from carp_policy.policies.carp.configuration_carp import CarpConfig, TokenizerConfig, TransformerConfig
+from carp_policy.policies.carp.modeling_carp import CarpModel, CarpPolicy, count_parameters, sample_tokens
 from carp_policy.synthetic import SyntheticEpisodes, SyntheticWindows
 from carp_policy.train import action_errors
 
@@ -107,7 +108,8 @@ def test_kv_cache_matches_masked_forward(batch):
             maps.append(idx)
         cached = torch.cat(logits_steps, 1)
         full = gpt(cond, tok.teacher_forcing_inputs(maps))
-    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+    # measured max |diff| 6e-8 between the cached and the masked path: 1e-6 leaves a 16x margin
+    torch.testing.assert_close(cached, full, atol=1e-6, rtol=0)
     assert torch.equal(full.argmax(-1), CarpModel.flat_tokens(maps))
     # the model's own generate() walks the same path
     obs = {"state": torch.randn(batch, 2, 10), "images": {}}

@@ -30,7 +30,7 @@ from carp_policy.dataset import (
     split_episodes,
     validate_dataset,
 )
-from carp_policy.dataset.format import psnr, tasks_table
+from carp_policy.dataset.format import psnr, seconds_to_ns, tasks_table
 
 H, W = 48, 64
 CAMS = {"wrist": (H, W), "scene": (H, W)}
@@ -115,7 +115,11 @@ def test_round_trip_within_codec_loss(recorded: tuple[Path, list[dict]]) -> None
         assert ep.index == i
         np.testing.assert_array_equal(ep.state, src["state"].astype(np.float32))
         np.testing.assert_array_equal(ep.action, src["action"].astype(np.float32))
-        np.testing.assert_array_equal(ep.timestamps, src["t"])  # float64 kept exactly
+        # capture times are stored as int64 ns: exact to the nanosecond the float gave
+        np.testing.assert_array_equal(ep.time_ns, [seconds_to_ns(t) for t in src["t"]])
+        np.testing.assert_allclose(ep.timestamps, src["t"], rtol=0, atol=0.51e-9)
+        assert set(ep.stamps_ns) == {"state", "wrist", "scene"}  # one stream each, the frame's time here
+        np.testing.assert_array_equal(ep.stamps_ns["wrist"], ep.time_ns)
         for cam in CAMS:
             got, want = ep.images[cam], src["images"][cam]
             assert got.shape == want.shape and got.dtype == np.uint8

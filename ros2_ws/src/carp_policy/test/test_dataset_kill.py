@@ -56,7 +56,7 @@ def check_intact(root: Path, saved: int) -> int:
         st, act, imgs = episode_content(i)
         np.testing.assert_array_equal(ep.state, st.astype(np.float32))
         np.testing.assert_array_equal(ep.action, act.astype(np.float32))
-        assert ep.metadata["k"] == i and ep.task == f"task {i % 3}"
+        assert ep.metadata["k"] == i and ep.task == f"task {i % 3}" and ep.success is (i % 2 == 0)
         for c in CAMS:
             assert np.abs(ep.images[c].astype(int) - imgs[c].astype(int)).max() <= 8
     return len(ds)
@@ -64,8 +64,16 @@ def check_intact(root: Path, saved: int) -> int:
 
 @pytest.mark.slow
 def test_kill9_at_random_moments_leaves_a_loadable_dataset(tmp_path: Path) -> None:
-    root = tmp_path / "ds"
-    rng = np.random.default_rng(int(time.time()))  # new moments every run; the seed is printed on failure
+    # new moments every run; a failure names the seed, and CARP_KILL_SEED=<seed> replays its moments
+    seed = int(os.environ.get("CARP_KILL_SEED", time.time_ns() % 2**32))
+    try:
+        _kill_trials(tmp_path / "ds", seed)
+    except Exception as e:
+        raise AssertionError(f"kill test failed with seed {seed} (CARP_KILL_SEED={seed} replays): {e}") from e
+
+
+def _kill_trials(root: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
     here = str(Path(__file__).parent)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     total_warnings = 0

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
-from carp_policy.config import TokenizerConfig
 from carp_policy.normalization import Normalizer
+from carp_policy.policies.carp.configuration_carp import TokenizerConfig
+from carp_policy.policies.carp.tokenizer import MultiScaleTokenizer
 from carp_policy.synthetic import SyntheticEpisodes, SyntheticWindows, split_episodes
-from carp_policy.tokenizer import MultiScaleTokenizer
 from carp_policy.train import action_errors
 
 
@@ -42,7 +44,8 @@ def test_residual_sum_equals_quantized_map():
     torch.testing.assert_close(sum(parts), f_hat, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tok.tokens_to_features(maps), f_hat, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(tok.decode(maps), tok.decode_features(f_hat), atol=1e-5, rtol=1e-5)
-    # every scale contributes something, and the residual left after all scales is smaller than f
+    # every scale contributes something (that the residual shrinks needs a trained tokenizer: it is
+    # checked in test_trained_tokenizer_reconstructs_smooth_trajectories)
     assert all(p.abs().sum() > 0 for p in parts)
 
 
@@ -139,3 +142,14 @@ def test_trained_tokenizer_reconstructs_smooth_trajectories():
     assert err["gripper_mm"]["mean"] < 5.0, err
     assert err["position_mm"]["mean"] < untrained["position_mm"]["mean"] / 5, (err, untrained)
     assert min(stats["used_codes"]) > 1  # no dimension collapsed onto a single code
+    # coarse to fine: the residual ||f - f_hat_k|| left after each scale k shrinks (held-out chunks;
+    # measured: 48.8 (||f||), 8.9, 4.9, 4.1, 1.3)
+    with torch.no_grad():
+        f = tok.eval().encode_features(val)
+        _, maps, _ = tok.quantize(f)
+        acc, left = torch.zeros_like(f), [f.norm().item()]
+        for si, idx in enumerate(maps):
+            acc, _ = tok.next_input(si, acc, idx)
+            left.append((f - acc).norm().item())
+    print(f"residual after each scale (scale 0 = ||f||): {[round(x, 2) for x in left]}")
+    assert all(b < a for a, b in itertools.pairwise(left)), left

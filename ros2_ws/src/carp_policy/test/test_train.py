@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from carp_policy.actions import Observation
-from carp_policy.carp import CarpPolicy
-from carp_policy.config import CarpConfig
+from carp_policy.policies.carp.configuration_carp import CarpConfig
+from carp_policy.policies.carp.modeling_carp import CarpPolicy
 
 TINY = {
     "tokenizer": {"hidden": 8, "revive_every": 10},
@@ -181,11 +181,19 @@ def test_visual_run_end_to_end(tmp_path):
 def test_clear_errors(tmp_path):
     cfg = _config(tmp_path, "state")
     r = _train("--config", str(cfg), "--dataset", str(tmp_path / "nope"), "--out", str(tmp_path / "a"))
-    assert r.returncode != 0 and "dataset directory not found" in r.stderr
+    # a user's mistake: exit 2 and its last stderr line says what is wrong (carp_policy.cli), no traceback
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("carp-train: error: dataset directory not found")
+    r = _train("--config", "nope_config", "--dataset", "synthetic:3", "--out", str(tmp_path / "c"))
+    assert r.returncode == 2 and "carp-train: error: config not found: nope_config" in r.stderr
+    r = _train(
+        "--config", str(cfg), "--dataset", "synthetic:3", "--out", str(tmp_path / "d"), "--set", "unet.x=1"
+    )
+    assert r.returncode == 2 and "unknown config key(s) in CarpConfig: ['unet']" in r.stderr
     r = _train(
         "--config", str(cfg), "--dataset", "synthetic:3", "--out", str(tmp_path / "b"), "--stage", "policy"
     )
-    assert r.returncode != 0 and "run --stage tokenizer first" in r.stderr
+    assert r.returncode == 2 and "run --stage tokenizer first" in r.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"transformer": {"depht": 4}}))
     with pytest.raises(ValueError, match="depht"):
@@ -243,7 +251,7 @@ def test_shift_augment_is_refused_where_it_would_be_wrong():
 
 
 def test_shift_ensemble_config_is_checked_against_the_training():
-    from carp_policy.config import EnsembleConfig
+    from carp_policy.policies.base import EnsembleConfig
     from carp_policy.train import load_config
 
     ens = load_config("state_env").ensemble  # the released models' setting
@@ -269,9 +277,9 @@ def test_shift_ensemble_undoes_the_shift_for_an_equivariant_policy():
     shifted chunk, so the ensemble returns its chunk unchanged. Checks the sign of each shift and
     that TCP, object and target all move; z, rotations and the gripper pass through."""
     from carp_policy.actions import ActionChunk, matrix_to_rot6d
-    from carp_policy.config import EnsembleConfig
-    from carp_policy.factory import ShiftEnsemble
     from carp_policy.normalization import Normalizer
+    from carp_policy.policies.base import EnsembleConfig
+    from carp_policy.policies.ensemble import ShiftEnsemble
 
     names = ["x", "y", "z", *(f"r6d_{i}" for i in range(6)), "gripper", "object_x", "object_y", "object_z",
              "object_up_x", "object_up_y", "object_up_z", "target_x", "target_y"]  # fmt: skip

@@ -9,7 +9,7 @@ The arm's kinematic chain is the DH chain itself: body i+1 sits at Tz(d_i) Tx(a_
 body i and every joint turns about its body's z axis, so MuJoCo's forward kinematics equals
 ``carp_hardware.kinematics.fk`` exactly. Link geometry (capsules/cylinders) is visual only; the
 gripper (palm, fingers, pads), the table and the objects collide. Full meshes are not used because
-they render ~7x slower on a CPU (DESIGN.md).
+they render ~7x slower on a CPU (docs/design.md, "The MuJoCo twin").
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from carp_policy.cli import run_main
+
 TASK_TEXT = {
     "cup": "pick up the cup and put it upright in the green area",
     "bowl": "pick up the small bowl and put it in the pot",
@@ -238,45 +240,45 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--steps", type=int, default=0, help="expert steps before the snapshot")
     s.add_argument("--out", type=Path, default=Path("snapshots"))
     args = ap.parse_args(argv)
-    try:
-        if args.cmd == "collect":
-            r = collect(
-                args.task,
-                args.episodes,
-                args.out,
-                args.seed,
-                args.keep_failures,
-                tuple(args.image_size),
-                expert_variety=args.expert_variety,
-            )
-            print(
-                f"\ncollected {r['saved_episodes']} {r['task']} episodes ({r['frames']} frames) "
-                f"in {r['out']}\n  expert success {r['expert_success_rate']:.1%} over "
-                f"{r['attempts']} attempts {r['outcomes']}\n"
-                f"  mean length {r['mean_length_steps']:.1f} steps, wall time {r['wall_s']:.1f} s"
-            )
-            return 0 if r["saved_episodes"] == args.episodes else 1
-        if args.cmd == "bench":
-            r = bench(args.task, args.episodes, args.seed, expert_variety=args.expert_variety)
-            if args.json:
-                args.json.write_text(json.dumps(r, indent=2))
-            print(
-                f"\n{r['task']}: expert success {r['expert_success_rate']:.1%} over {r['episodes']} seeds "
-                f"{r['outcomes']}\n  failed seeds: {r['failed_seeds']}\n"
-                f"  mean episode {r['mean_length_s']:.1f} s sim\n"
-                f"  physics (no rendering): {r['physics_realtime_factor_wall']:.1f}x real time wall, "
-                f"{r['physics_realtime_factor_cpu']:.1f}x per CPU second\n"
-                f"  both cameras 120x160: {r['render_both_cameras_ms_median']:.1f} ms wall, "
-                f"{r['render_both_cameras_cpu_ms_median']:.1f} ms CPU per control step "
-                f"(load average {r['load_average']:.1f})"
-            )
-            return 0
-        for p in snapshot(args.task, args.seed, args.out, args.steps):
-            print(p)
+    return run_main("carp-sim", lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.cmd == "collect":
+        r = collect(
+            args.task,
+            args.episodes,
+            args.out,
+            args.seed,
+            args.keep_failures,
+            tuple(args.image_size),
+            expert_variety=args.expert_variety,
+        )
+        print(
+            f"\ncollected {r['saved_episodes']} {r['task']} episodes ({r['frames']} frames) "
+            f"in {r['out']}\n  expert success {r['expert_success_rate']:.1%} over "
+            f"{r['attempts']} attempts {r['outcomes']}\n"
+            f"  mean length {r['mean_length_steps']:.1f} steps, wall time {r['wall_s']:.1f} s"
+        )
+        return 0 if r["saved_episodes"] == args.episodes else 1
+    if args.cmd == "bench":
+        r = bench(args.task, args.episodes, args.seed, expert_variety=args.expert_variety)
+        if args.json:
+            args.json.write_text(json.dumps(r, indent=2))
+        print(
+            f"\n{r['task']}: expert success {r['expert_success_rate']:.1%} over {r['episodes']} seeds "
+            f"{r['outcomes']}\n  failed seeds: {r['failed_seeds']}\n"
+            f"  mean episode {r['mean_length_s']:.1f} s sim\n"
+            f"  physics (no rendering): {r['physics_realtime_factor_wall']:.1f}x real time wall, "
+            f"{r['physics_realtime_factor_cpu']:.1f}x per CPU second\n"
+            f"  both cameras 120x160: {r['render_both_cameras_ms_median']:.1f} ms wall, "
+            f"{r['render_both_cameras_cpu_ms_median']:.1f} ms CPU per control step "
+            f"(load average {r['load_average']:.1f})"
+        )
         return 0
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"carp-sim: error: {exc}", file=sys.stderr)
-        return 2
+    for p in snapshot(args.task, args.seed, args.out, args.steps):
+        print(p)
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,12 +22,20 @@ import numpy as np
 import yaml
 
 from carp_hardware.driver import ArmDriver, ChunkResult, DriverConfig
-from carp_hardware.kinematics import ik_nearest, pose_matrix
+from carp_hardware.kinematics import HOME_Q, ik_nearest, pose_matrix
 from carp_hardware.safety import SafetyLimits
 from carp_policy.actions import ACTION_DIM, ACTION_NAMES, ActionChunk, Observation, pose_to_vector
 from carp_sim.backends import SimArm, SimClock, SimGripper
 from carp_sim.cell import GRIPPER_STROKE, build_model
-from carp_sim.tasks import HOME_Q, EpisodeLayout, TaskConfig, TaskOutcome, check, sample_layout, unrecoverable
+from carp_sim.tasks import (
+    EpisodeLayout,
+    SceneSnapshot,
+    TaskConfig,
+    TaskOutcome,
+    check,
+    sample_layout,
+    unrecoverable,
+)
 
 CAMERAS = ("wrist", "scene")
 # Privileged scene state in every observation (LeRobot's observation.environment_state): the task
@@ -97,9 +105,14 @@ class SimCell:
         task: str | TaskConfig = "cup",
         config: SimConfig | None = None,
         limits: SafetyLimits | None = None,
+        clock=None,
+        driver_config: DriverConfig | None = None,
     ) -> None:
         """``limits``: the driver's safety limits (default: the robot's YAML, with the joint speed
-        limit of ``config``)."""
+        limit of ``config``). ``clock``: the driver's time base (default: the simulated clock, as
+        fast as the CPU allows; the live twin of ``ur5e_driver_node`` passes the wall clock and
+        paces the servo loop itself). ``driver_config``: the driver's settings (default: the
+        config's servo rate with the closed-form IK)."""
         self.task = task if isinstance(task, TaskConfig) else TaskConfig.load(task)
         self.task.validate()
         self.config = config or SimConfig()
@@ -123,8 +136,9 @@ class SimCell:
             self.arm,
             self.gripper,
             limits,
-            DriverConfig(servo_hz=self.config.servo_hz, ik="local", check_controller_poses=False),
-            SimClock(self),
+            driver_config
+            or DriverConfig(servo_hz=self.config.servo_hz, ik="local", check_controller_poses=False),
+            clock or SimClock(self),
         )
         self._renderer: mujoco.Renderer | None = None
         self._video_renderers: dict[tuple[int, int], mujoco.Renderer] = {}
@@ -134,6 +148,8 @@ class SimCell:
         self.done = False
         self._success_since: float | None = None
         self._failure: str | None = None
+        self._start_z = 0.0  # the object's height after the reset settled, for the lift check
+        self._lifted = 0.0
 
     # ------------------------------------------------------------------ episode
     def reset(self, seed: int) -> Observation:
@@ -167,6 +183,8 @@ class SimCell:
         self.done = False
         self._success_since = None
         self._failure = None
+        self._start_z = float(self.object_pose()[0][2])
+        self._lifted = 0.0
         return self.observe()
 
     def step(self, action: np.ndarray) -> Observation:
@@ -209,12 +227,19 @@ class SimCell:
             self.driver.run_for(seconds)
             self._update_status()
 
+    def update_status(self) -> None:
+        """Run the success and failure checks on the current state (``step``, ``run_until`` and
+        ``hold`` do it themselves; a caller that ticks ``driver`` directly calls this)."""
+        self._update_status()
+
     def _update_status(self) -> None:
-        self._failure = unrecoverable(self)
+        snap = self.snapshot()
+        self._lifted = snap.lifted_m
+        self._failure = unrecoverable(self.task, snap)
         if self._failure:
             self.done = True
             return
-        if check(self).success:
+        if check(self.task, snap).success:
             if self._success_since is None:
                 self._success_since = self.time
             self.done = self.time - self._success_since >= self.task.success_hold_s - 1e-9
@@ -268,10 +293,14 @@ class SimCell:
         return r.render().copy()
 
     def outcome(self) -> TaskOutcome:
-        """Success check now: ``reason`` is "ok" or what is wrong (e.g. "cup tipped")."""
+        """Success check now: ``reason`` is "ok" or what is wrong (e.g. "cup tipped"). A success
+        counts only once it has held for the task's ``success_hold_s``, at the timeout too."""
         if self._failure:
             return TaskOutcome(False, self._failure)
-        result = check(self)
+        result = check(self.task, self.snapshot())
+        hold = self.task.success_hold_s
+        if result.success and (self._success_since is None or self.time - self._success_since < hold - 1e-9):
+            result = TaskOutcome(False, f"success not held for {hold:g} s")
         if not result.success and self.time >= self.max_duration_s and self.layout is not None:
             return TaskOutcome(False, f"timeout ({result.reason})")
         return result
@@ -302,6 +331,18 @@ class SimCell:
         """Position (3,) of the object's base and rotation (3, 3) (privileged, for experts/checks)."""
         body = self._obj_body if name is None else self.model.body(name).id
         return self.data.xpos[body].copy(), self.data.xmat[body].reshape(3, 3).copy()
+
+    def snapshot(self) -> SceneSnapshot:
+        """What the task's success checks read, measured now."""
+        pos, rot = self.object_pose()
+        return SceneSnapshot(
+            object_pos=pos,
+            object_rot=rot,
+            tcp_pos=self.data.site_xpos[self._tcp].copy(),
+            target_xy=np.asarray(self.layout.target_xy, dtype=np.float64),
+            gripper_contact=self.in_contact_with_gripper(),
+            lifted_m=max(self._lifted, float(pos[2]) - self._start_z),
+        )
 
     def in_contact_with_gripper(self, name: str | None = None) -> bool:
         """True if any gripper geom touches the task object."""

@@ -11,16 +11,16 @@ a ``numpy.random.Generator`` seeded by the episode seed, so a seed fixes the who
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-import yaml
 
-from carp_hardware.kinematics import IKError, ik_nearest, pose_matrix
+from carp_hardware.kinematics import HOME_Q, IKError, ik_nearest, pose_matrix
+from carp_policy.yaml_config import load_yaml
 from carp_sim.cell import (
     BOWL_APOTHEM,
+    BOWL_HEIGHT,
     CUP_HEIGHT,
     CUP_RADIUS,
     FINGER_TIP_BELOW_TCP,
@@ -32,15 +32,10 @@ from carp_sim.cell import (
     CellLayout,
 )
 
-if TYPE_CHECKING:
-    from carp_sim.env import SimCell
-
 CONFIG_DIR = Path(__file__).parent / "configs"
 TASKS = ("cup", "bowl")
 # Top-down gripper orientation: tool z points down; yaw turns about world z.
 DOWN = np.diag([1.0, -1.0, -1.0])
-# Joint configuration the arm starts near (elbow up, wrist down), used as the IK reference.
-HOME_Q = np.array([0.0, -1.75, 1.85, -1.67, -1.5708, 0.0])
 
 
 def top_down(yaw: float) -> np.ndarray:
@@ -66,6 +61,7 @@ class TaskConfig:
     success_hold_s: float = 0.5  # success must hold this long before the episode is done
     max_tilt_deg: float = 12.0  # cup counts as upright below this tilt
     arm_clear_m: float = 0.04  # fingertips this far above the object's rim (or to the side) = clear
+    lift_m: float = 0.03  # the object must have been lifted this far off the table (pushing is no grasp)
     expert: dict = field(default_factory=dict)  # expert variety ranges (see expert.py)
 
     @classmethod
@@ -78,12 +74,7 @@ class TaskConfig:
             path = CONFIG_DIR / f"{name_or_path}.yaml"
         if not path.exists():
             raise FileNotFoundError(f"task config {path} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
-        known = {f.name for f in fields(cls)}
-        unknown = set(raw) - known
-        if unknown:
-            raise ValueError(f"{path}: unknown task config keys {sorted(unknown)}; known: {sorted(known)}")
-        cfg = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        cfg = load_yaml(cls, path)
         cfg.validate()
         return cfg
 
@@ -172,6 +163,21 @@ def sample_layout(cfg: TaskConfig, rng: np.random.Generator) -> EpisodeLayout:
 
 
 # ----------------------------------------------------------------------------- success checks
+@dataclass(frozen=True)
+class SceneSnapshot:
+    """What the success checks read from the cell at one instant (the twin measures all of it).
+
+    The checks are pure functions of a snapshot and the task, so they can be tested on hand-made
+    states and do not depend on the simulator."""
+
+    object_pos: np.ndarray  # (3,) base of the task object, m
+    object_rot: np.ndarray  # (3, 3) its orientation
+    tcp_pos: np.ndarray  # (3,) TCP position, m
+    target_xy: np.ndarray  # (2,) centre of the target area / pot
+    gripper_contact: bool  # a gripper geom touches the task object
+    lifted_m: float = 0.0  # the highest the object has been above its start height this episode
+
+
 def _tilt_deg(rot: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(rot[2, 2], -1.0, 1.0))))
 
@@ -182,25 +188,31 @@ def _off_table(pos: np.ndarray) -> bool:
     return pos[2] < -0.05 or abs(pos[0] - tx) > hx or abs(pos[1] - ty) > hy
 
 
-def check(env: SimCell) -> TaskOutcome:
-    """Evaluate the current state of ``env`` against its task's success conditions."""
-    cfg = env.task
+def check(cfg: TaskConfig, s: SceneSnapshot) -> TaskOutcome:
+    """Evaluate a scene snapshot against the task's success conditions.
+
+    Both tasks: the object was lifted (``lift_m``: a push into the area is not a pick), released,
+    and the fingertips are clear of it. Cup: upright, its whole footprint inside the target area,
+    resting on the table. Bowl: inside the pot, resting on its floor. (``SimCell`` also requires the
+    success to hold for ``success_hold_s``.)"""
     name = cfg.name
-    pos, rot = env.object_pose(name)
+    pos, rot = s.object_pos, s.object_rot
     if _off_table(pos):
         return TaskOutcome(False, f"{name} fell off table")
-    tcp = env.tcp_pose()[:3, 3]
+    tcp = s.tcp_pos
     tip_z = tcp[2] - FINGER_TIP_BELOW_TCP
-    target = env.layout.target_xy
+    target = s.target_xy
     if name == "cup":
         if _tilt_deg(rot) > cfg.max_tilt_deg:
             return TaskOutcome(False, "cup tipped")
-        if np.linalg.norm(pos[:2] - target) > TARGET_RADIUS:
+        if np.linalg.norm(pos[:2] - target) + CUP_RADIUS > TARGET_RADIUS:
             return TaskOutcome(False, "cup outside target area")
-        if env.in_contact_with_gripper(name):
+        if s.gripper_contact:
             return TaskOutcome(False, "cup still held")
         if pos[2] > 0.01:
             return TaskOutcome(False, "cup not resting on table")
+        if s.lifted_m < cfg.lift_m:
+            return TaskOutcome(False, "cup never lifted")
         rim, radius = pos[2] + CUP_HEIGHT, CUP_RADIUS
     else:
         if (
@@ -208,21 +220,23 @@ def check(env: SimCell) -> TaskOutcome:
             or pos[2] > POT_FLOOR + 0.02
         ):
             return TaskOutcome(False, "bowl not in pot")
-        if env.in_contact_with_gripper(name):
+        if s.gripper_contact:
             return TaskOutcome(False, "bowl still held")
-        return TaskOutcome(True, "ok")
+        if s.lifted_m < cfg.lift_m:
+            return TaskOutcome(False, "bowl never lifted")
+        rim, radius = pos[2] + BOWL_HEIGHT, BOWL_APOTHEM
     horizontal = np.linalg.norm(tcp[:2] - pos[:2])
     if tip_z < rim + cfg.arm_clear_m and horizontal < radius + 0.06:
         return TaskOutcome(False, "arm not clear")
     return TaskOutcome(True, "ok")
 
 
-def unrecoverable(env: SimCell) -> str | None:
+def unrecoverable(cfg: TaskConfig, s: SceneSnapshot) -> str | None:
     """A reason if the episode cannot succeed any more (object off the table, cup lying down)."""
-    name = env.task.name
-    pos, rot = env.object_pose(name)
+    name = cfg.name
+    pos, rot = s.object_pos, s.object_rot
     if _off_table(pos):
         return f"{name} fell off table"
-    if name == "cup" and _tilt_deg(rot) > 60.0 and not env.in_contact_with_gripper(name):
+    if name == "cup" and _tilt_deg(rot) > 60.0 and not s.gripper_contact:
         return "cup tipped"
     return None

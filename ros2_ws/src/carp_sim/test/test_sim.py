@@ -175,7 +175,18 @@ def test_success_checks_reject_tipped_outside_held_and_arm_not_clear(cup_env):
 
     env.teleport_arm(above, gripper=GRIPPER_STROKE)
     env.set_object_pose([*target, 0.0])
-    assert env.outcome().reason == "ok" and env.outcome().success
+    assert env.outcome().reason == "cup never lifted"  # put there without a pick (a push, a hand)
+    env.set_object_pose([*target, 0.10])
+    env.hold(0.002)  # the cup was up in the air for a moment: lifted
+    env.set_object_pose([*target, 0.0])
+    assert env.outcome().reason == "success not held for 0.5 s" and not env.outcome().success
+    for _ in range(6):
+        env.hold(0.1)
+    assert env.outcome().reason == "ok" and env.outcome().success and env.done
+
+    # the whole footprint must be inside: centre 5 cm from the target's centre, rim 8 cm > 7 cm radius
+    env.set_object_pose([target[0], target[1] + 0.05, 0.0])
+    assert env.outcome().reason == "cup outside target area"
 
     tilt = np.radians(30)
     env.set_object_pose([*target, 0.0], [np.cos(tilt / 2), np.sin(tilt / 2), 0, 0])
@@ -285,3 +296,46 @@ def test_collect_cli_writes_a_valid_dataset(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     ds = EpisodeDataset(out)
     assert [ds.metadata(i)["seed"] for i in range(len(ds))] == [0, 1]  # appended: a new layout
+
+
+def _snapshot(obj, tcp, target, contact=False, tilt_deg=0.0, lifted=0.0):
+    from scipy.spatial.transform import Rotation
+
+    from carp_sim.tasks import SceneSnapshot
+
+    rot = Rotation.from_euler("x", tilt_deg, degrees=True).as_matrix()
+    arr = np.asarray
+    return SceneSnapshot(arr(obj, float), rot, arr(tcp, float), arr(target, float), contact, lifted)
+
+
+def test_success_checks_are_pure_functions_of_a_snapshot():
+    from carp_sim.cell import POT_FLOOR
+    from carp_sim.tasks import check, unrecoverable
+
+    cup, bowl = TaskConfig.load("cup"), TaskConfig.load("bowl")
+    target = [-0.5, -0.2]
+    high = [-0.5, -0.2, 0.4]  # TCP well above the object: arm clear
+    assert check(cup, _snapshot([-0.5, -0.2, 0.0], high, target, lifted=0.1)).reason == "ok"
+    assert check(cup, _snapshot([-0.5, -0.2, 0.0], high, target)).reason == "cup never lifted"
+    assert check(cup, _snapshot([-0.5, -0.2, 0.0], high, target, contact=True)).reason == "cup still held"
+    assert check(cup, _snapshot([-0.5, -0.2, 0.0], high, target, tilt_deg=30)).reason == "cup tipped"
+    assert check(cup, _snapshot([-0.4, -0.2, 0.0], high, target)).reason == "cup outside target area"
+    assert check(cup, _snapshot([-0.5, -0.2, 0.05], high, target)).reason == "cup not resting on table"
+    assert check(cup, _snapshot([-0.5, -0.2, 0.0], [-0.5, -0.2, 0.12], target, lifted=0.1)).reason == (
+        "arm not clear"
+    )
+    assert check(cup, _snapshot([-0.5, -0.15, 0.0], high, target, lifted=0.1)).reason == (
+        "cup outside target area"  # centre 5 cm off: inside the 7 cm area, its 3 cm rim is not
+    )
+    assert check(cup, _snapshot([-0.5, -0.2, -0.2], high, target)).reason == "cup fell off table"
+    assert unrecoverable(cup, _snapshot([-0.5, -0.2, 0.0], high, target, tilt_deg=80)) == "cup tipped"
+    assert unrecoverable(cup, _snapshot([-0.5, -0.2, 0.0], high, target, contact=True, tilt_deg=80)) is None
+    in_pot = [-0.5, -0.2, POT_FLOOR]
+    assert check(bowl, _snapshot(in_pot, high, target, lifted=0.1)).reason == "ok"
+    assert check(bowl, _snapshot(in_pot, high, target)).reason == "bowl never lifted"
+    low = [-0.5, -0.2, POT_FLOOR + 0.03]  # fingertips inside the bowl's rim
+    assert check(bowl, _snapshot(in_pot, low, target, lifted=0.1)).reason == "arm not clear"
+    assert check(bowl, _snapshot(in_pot, high, target, contact=True)).reason == "bowl still held"
+    assert check(bowl, _snapshot([-0.4, -0.2, POT_FLOOR], high, target)).reason == "bowl not in pot"
+    assert check(bowl, _snapshot([-0.5, -0.2, POT_FLOOR + 0.05], high, target)).reason == "bowl not in pot"
+    assert unrecoverable(bowl, _snapshot([0.5, -0.2, 0.0], high, target)) == "bowl fell off table"

@@ -6,11 +6,21 @@ carp-dataset view DIR --episode N [-o MP4]  both cameras with the trajectory plo
 carp-dataset export SRC DST [--episodes 0-9,12] [--success-only] [--keymap YAML]
                                             copy a subset (or a key-mapped foreign LeRobot
                                             dataset) into a fresh dataset of ours
+carp-dataset restore-meta DST SRC [SRC ...] give DST's episodes the success flags and metadata
+                                            their originals have in SRC (after LeRobot's
+                                            delete/split/merge, which drop them), matched by
+                                            the episodes' data, never by position
+
+A user's mistake (a missing dataset, a bad option) is one line ``carp-dataset: error: ...`` and
+exit code 2; ``validate`` exits 1 when it finds errors in the dataset.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +28,20 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .format import ENV_STATE_KEY, INFO_PATH, DatasetError, VideoConfig, VideoEncoder, read_json
+from ..cli import UserError, run_main
+from .format import (
+    CARP_EPISODES_PATH,
+    ENV_STATE_KEY,
+    INFO_PATH,
+    LOCK_FILE,
+    STAGING_DIR,
+    DatasetError,
+    VideoConfig,
+    VideoEncoder,
+    read_carp_episodes,
+    read_json,
+    write_carp_episodes,
+)
 from .reader import EpisodeDataset, KeyMap
 from .validate import validate_dataset
 from .writer import DatasetWriter
@@ -48,7 +71,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"dataset   {Path(args.dir).resolve()}  "
         f"(LeRobot {ds.info['codebase_version']}, robot {s['robot_type']})"
     )
-    print(f"episodes  {s['episodes']}  ({s['successes']} success, {s['failures']} failure)")
+    unknown = f", {s['unknown']} unknown" if s["unknown"] else ""
+    print(f"episodes  {s['episodes']}  ({s['successes']} success, {s['failures']} failure{unknown})")
     print(
         f"frames    {s['frames']}  at {s['fps']:g} Hz = "
         f"{s['duration_s']:.1f} s ({s['duration_s'] / 60:.1f} min)"
@@ -69,26 +93,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     root = Path(args.dir)
+    if not (root / INFO_PATH).exists():
+        raise UserError(f"{root}: not a dataset (no {INFO_PATH})")
     if args.clean:
-        if not (root / "meta/info.json").exists():
-            print(f"ERROR {root}: not a dataset (no meta/info.json)")
-            return 1
-        # opening a writer repairs a crashed save: drops uncommitted rows, orphans, staging files
-        ds = EpisodeDataset(root, cameras=[])
-        cams = {
-            k[len("observation.images.") :]: tuple(f["shape"][:2])
-            for k, f in ds.info["features"].items()
-            if f["dtype"] == "video"
-        }
-        fps = ds.fps
-        with DatasetWriter(
-            root,
-            fps=fps,
-            cameras=cams,
-            state_names=ds.state_names,
-            action_names=ds.action_names,
-            robot_type=ds.info.get("robot_type"),
-        ):
+        # opening a writer repairs a crashed save: drops uncommitted rows, orphans, staging files;
+        # it takes cameras, names, env state and fps from the dataset itself
+        with DatasetWriter.open(root):
             pass
         print(f"cleaned {root}")
     rep = validate_dataset(root, decode_videos=not args.quick)
@@ -97,6 +107,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for e in rep.errors:
         print(f"ERROR   {e}")
     status = "OK" if rep.ok else f"{len(rep.errors)} ERROR(S)"
+    if rep.ok and not args.quick:
+        with contextlib.suppress(DatasetError):
+            s = EpisodeDataset(root, cameras=[]).summary()
+            print(f"success   {s['successes']} yes, {s['failures']} no, {s['unknown']} unknown")
     print(
         f"{status}: {rep.episodes} episodes, {rep.frames} frames, {rep.files_checked} files checked, "
         f"{len(rep.warnings)} warning(s)"
@@ -132,7 +146,8 @@ def cmd_view(args: argparse.Namespace) -> int:
     axes[2].set_ylabel(names[-1] if names else "")
     axes[2].set_xlabel("t (s)")
     axes[2].legend(fontsize=6)
-    axes[0].set_title(f"ep {ep.index} {'success' if ep.success else 'failure'}: {ep.task[:40]}", fontsize=7)
+    outcome = {True: "success", False: "failure", None: "outcome unknown"}[ep.success]
+    axes[0].set_title(f"ep {ep.index} {outcome}: {ep.task[:40]}", fontsize=7)
     fig.tight_layout()
     fig.canvas.draw()
     plot = np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
@@ -173,9 +188,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     dst = Path(args.dst)
     if dst.exists() and any(dst.iterdir()):
         if not args.overwrite:
-            print(f"ERROR {dst} exists and is not empty (use --overwrite)")
-            return 1
+            raise UserError(f"{dst} exists and is not empty (use --overwrite)")
         shutil.rmtree(dst)
+    skipped = {False: 0, None: 0}
+    if args.success_only:  # only known successes: a failure or an unknown outcome is not one
+        kept_idx = [i for i in idx if src.success(i) is True]
+        for i in idx:
+            if src.success(i) is not True:
+                skipped[src.success(i)] += 1
+        idx = kept_idx
+        if not idx:
+            raise UserError(
+                f"--success-only: none of the selected episodes of {args.src} is a known success "
+                f"({skipped[False]} failed, {skipped[None]} unknown)"
+            )
     cams = {c: tuple(src.info["features"][k]["shape"][:2]) for c, k in src.camera_keys.items()}
     kept = 0
     with DatasetWriter(
@@ -189,19 +215,76 @@ def cmd_export(args: argparse.Namespace) -> int:
     ) as w:
         for i in tqdm(idx, desc="exporting", unit="ep"):
             ep = src.episode(i)
-            if args.success_only and not ep.success:
-                continue
             w.begin_episode(ep.task)
             for t in range(len(ep)):
                 imgs = {c: ep.images[c][t] for c in cams}
                 env = ep.state[t, S:] if env_names else None
-                w.add_frame(ep.timestamps[t], imgs, ep.state[t, :S], ep.action[t], env_state=env)
+                stamps = {n: int(v[t]) for n, v in ep.stamps_ns.items() if n in w.streams}
+                w.add_frame(
+                    None, imgs, ep.state[t, :S], ep.action[t], env_state=env,
+                    timestamp_ns=int(ep.time_ns[t]),
+                    stamps_ns=stamps if set(stamps) == set(w.streams) else None,
+                )  # fmt: skip
             w.save_episode(
                 success=ep.success, metadata={**ep.metadata, "exported_from": f"{args.src}#{ep.index}"}
             )
             kept += 1
             src._images.pop(i, None)  # keep memory flat on large exports
-    print(f"exported {kept} of {len(idx)} selected episodes from {args.src} to {dst} (videos re-encoded)")
+    dropped = ""
+    if args.success_only:
+        dropped = f"; left out {skipped[False]} failed and {skipped[None]} of unknown outcome"
+    print(f"exported {kept} episodes from {args.src} to {dst} (videos re-encoded){dropped}")
+    return 0
+
+
+def cmd_restore_meta(args: argparse.Namespace) -> int:
+    dst = Path(args.dst)
+    for root in [dst, *map(Path, args.src)]:
+        if not (root / INFO_PATH).exists():
+            raise UserError(f"{root}: not a dataset (no {INFO_PATH})")
+    lock = open(dst / LOCK_FILE, "w")  # the writer's lock: never rewrite the sidecar under a recording
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise UserError(f"{dst}: a DatasetWriter has it open; try again when it is closed") from None
+    try:
+        return _restore_meta(dst, args.src)
+    finally:
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def _restore_meta(dst: Path, sources: list[str]) -> int:
+    ds = EpisodeDataset(dst, cameras=[])
+    by_fp: dict[str, list[dict]] = {}
+    for src in sources:
+        for rec in read_carp_episodes(Path(src)):
+            by_fp.setdefault(rec["fingerprint"], []).append(rec)
+    have = read_carp_episodes(dst)
+    known = {r["fingerprint"] for r in have}
+    records, found, ambiguous = list(have), 0, 0
+    for i in range(len(ds)):
+        fp = ds.fingerprint(i)
+        cands = by_fp.get(fp or "", [])
+        if not cands or fp in known:
+            continue
+        outcomes = {(c.get("success"), json.dumps(c.get("metadata"), sort_keys=True)) for c in cands}
+        if len(outcomes) > 1:
+            ambiguous += 1  # identical data recorded twice with different outcomes: stays unknown
+            continue
+        records.append({**cands[0], "episode_index": i})
+        known.add(fp)
+        found += 1
+    staging = dst / STAGING_DIR / "restore-meta"
+    write_carp_episodes(dst, records, staging)
+    shutil.rmtree(staging, ignore_errors=True)
+    after = EpisodeDataset(dst, cameras=[]).summary()
+    print(
+        f"restored success/metadata of {found} of {len(ds)} episodes into {dst / CARP_EPISODES_PATH} "
+        f"({ambiguous} ambiguous); now {after['successes']} success, {after['failures']} failure, "
+        f"{after['unknown']} unknown"
+    )
     return 0
 
 
@@ -228,11 +311,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="output .mp4 (default episode_NNNNNN.mp4)")
     s.add_argument("--keymap")
     s.set_defaults(func=cmd_view)
+    s = sub.add_parser(
+        "restore-meta", help="bring back success flags and metadata a LeRobot edit dropped (by data match)"
+    )
+    s.add_argument("dst", help="the edited dataset (LeRobot's delete/split/merge output)")
+    s.add_argument("src", nargs="+", help="the dataset(s) it was made from")
+    s.set_defaults(func=cmd_restore_meta)
     s = sub.add_parser("export", help="copy a subset, or a key-mapped foreign dataset, into a new dataset")
     s.add_argument("src")
     s.add_argument("dst")
     s.add_argument("--episodes", help="e.g. 0-9,12 (default: all)")
-    s.add_argument("--success-only", action="store_true")
+    s.add_argument(
+        "--success-only",
+        action="store_true",
+        help="keep only episodes recorded as successes (failed and unknown ones are left out, counted)",
+    )
     s.add_argument("--keymap", help="YAML key map for the source dataset")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_export)
@@ -242,11 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``carp-dataset``."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (DatasetError, ValueError, IndexError) as e:
-        print(f"ERROR {e}", file=sys.stderr)
-        return 1
+
+    def body() -> int:
+        try:
+            return args.func(args)
+        except (DatasetError, IndexError) as e:  # a dataset that is not what the user said it is
+            raise UserError(str(e)) from e
+
+    return run_main("carp-dataset", body)
 
 
 if __name__ == "__main__":

@@ -22,18 +22,26 @@ from tqdm import tqdm
 
 from .format import (
     ACTION_KEY,
-    EPISODES_PATH,
+    CAPTURE_KEY,
     IMAGE_PREFIX,
     INFO_PATH,
+    LEGACY_CAPTURE_KEY,
     QUANTILE_KEYS,
     STATE_KEY,
     DatasetError,
     column_matrix,
     decode_video,
+    episode_fingerprint,
     feature_stats,
+    match_carp_episodes,
+    ns_to_seconds,
+    read_carp_episodes,
+    read_episode_rows,
     read_json,
     read_parquet,
     read_tasks,
+    seconds_to_ns,
+    stream_key,
 )
 
 
@@ -80,19 +88,28 @@ class KeyMap:
 class Episode:
     """One demonstration, fully in memory.
 
-    timestamps: (T,) capture times in seconds (``frame_index / fps`` when the dataset has none).
+    success: True / False as recorded, None where unknown (never judged, or the record of it was
+        lost, e.g. by a LeRobot edit; see docs/datasets.md).
+    metadata: what the recorder stored ({} where unknown).
+    timestamps: (T,) the frames' times in seconds, float64 (``frame_index / fps`` when the dataset
+        has none); exact nanoseconds in ``time_ns``.
     state: (T, Ds) float32; action: (T, Da) float32 (row t = target commanded for the next step).
     images: camera -> (T, H, W, 3) uint8 RGB.
+    time_ns: (T,) int64 the frames' times in nanoseconds.
+    stamps_ns: stream (``state``, camera names, ``env_state``) -> (T,) int64 capture times of its
+        samples, for the streams the dataset records.
     """
 
     index: int
     task: str
-    success: bool
+    success: bool | None
     metadata: dict
     timestamps: np.ndarray
     state: np.ndarray
     action: np.ndarray
     images: dict[str, np.ndarray]
+    time_ns: np.ndarray | None = None
+    stamps_ns: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.state)
@@ -154,17 +171,18 @@ class EpisodeDataset:
         self.action_names = _names(feats[self.keymap.action_key])
 
         total = int(self.info.get("total_episodes", 0))
-        # rows past total_episodes are uncommitted (a crash before info.json was replaced): ignore them
-        self._rows = (
-            read_parquet(self.root / EPISODES_PATH.rsplit("/", 2)[0]).to_pylist()[:total] if total else []
-        )
-        if len(self._rows) < total:
+        # every meta/episodes file (LeRobot's resume() adds more); rows past total_episodes are
+        # uncommitted (a crash before info.json was replaced): ignore them
+        rows = sorted(read_episode_rows(self.root)[0], key=lambda r: r["episode_index"]) if total else []
+        self._rows = [r for r in rows if r["episode_index"] < total]
+        if len(self._rows) != total or [r["episode_index"] for r in self._rows] != list(range(total)):
             raise DatasetError(
-                f"{self.root / 'meta/episodes'}: {len(self._rows)} episode rows, info.json says {total}"
+                f"{self.root / 'meta/episodes'}: {len(self._rows)} episode rows for indices "
+                f"0..{total - 1}, info.json says {total}"
             )
-        self._rows.sort(key=lambda r: r["episode_index"])
         self.tasks = read_tasks(self.root) if total else []
         self._vectors = self._load_vectors()
+        self._outcomes = self._match_outcomes()
         self._images: dict[int, dict[str, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ public API
@@ -177,9 +195,16 @@ class EpisodeDataset:
         return sum(len(v["state"]) for v in self._vectors)
 
     def metadata(self, i: int) -> dict:
-        """Episode ``i``'s metadata (operator, seed, ...) without loading its frames."""
-        row = self._rows[i]
-        return json.loads(row["metadata"]) if row.get("metadata") else {}
+        """Episode ``i``'s metadata (operator, seed, ...) without loading its frames ({} if unknown)."""
+        return dict(self._outcomes[i][1])
+
+    def success(self, i: int) -> bool | None:
+        """Episode ``i``'s recorded success: True, False, or None where unknown."""
+        return self._outcomes[i][0]
+
+    def fingerprint(self, i: int) -> str | None:
+        """What names episode ``i`` in a ``meta/carp/episodes.jsonl`` (None without our columns)."""
+        return self._vectors[i]["fingerprint"]
 
     def episode(self, i: int) -> Episode:
         """Episode ``i`` (0-based position in the dataset) with its images decoded (once)."""
@@ -191,12 +216,14 @@ class EpisodeDataset:
         return Episode(
             index=int(row["episode_index"]),
             task=v["task"],
-            success=bool(row.get("success", True)),
+            success=self.success(i),
             metadata=self.metadata(i),
             timestamps=v["timestamps"],
             state=v["state"],
             action=v["action"],
             images=self._images[i],
+            time_ns=v["time_ns"],
+            stamps_ns=dict(v["stamps_ns"]),
         )
 
     def vectors(self, i: int) -> dict[str, np.ndarray]:
@@ -230,7 +257,8 @@ class EpisodeDataset:
         tasks: dict[str, int] = {}
         for v in self._vectors:
             tasks[v["task"]] = tasks.get(v["task"], 0) + 1
-        successes = sum(bool(r.get("success", True)) for r in self._rows)
+        outcomes = [o[0] for o in self._outcomes]
+        successes, failures = outcomes.count(True), outcomes.count(False)
         return {
             "episodes": len(self),
             "frames": self.num_frames,
@@ -239,7 +267,8 @@ class EpisodeDataset:
             "cameras": {c: tuple(self.info["features"][k]["shape"][:2]) for c, k in self.camera_keys.items()},
             "tasks": tasks,
             "successes": successes,
-            "failures": len(self) - successes,
+            "failures": failures,
+            "unknown": len(self) - successes - failures,
             "robot_type": self.info.get("robot_type"),
         }
 
@@ -256,6 +285,11 @@ class EpisodeDataset:
             "timestamp",
             "task_index",
         ]
+        feats = self.info.get("features", {})
+        streams = {"state": stream_key("state")}  # stream name -> column
+        streams |= {c: stream_key(k[len(IMAGE_PREFIX) :]) for c, k in self.camera_keys.items()}
+        streams["env_state"] = stream_key("env_state")
+        streams = {n: c for n, c in streams.items() if c in feats}
         out = []
         for row in self._rows:
             path = self.root / self.info["data_path"].format(
@@ -263,9 +297,9 @@ class EpisodeDataset:
             )
             if path not in tables:
                 names = _schema_names(path)
-                tables[path] = read_parquet(
-                    path, columns=cols + (["capture_time"] if "capture_time" in names else [])
-                )
+                times = [k for k in names if k in (CAPTURE_KEY, LEGACY_CAPTURE_KEY) or k in streams.values()]
+                raw = [k for k in (STATE_KEY, ACTION_KEY) if k in names and k not in cols]
+                tables[path] = read_parquet(path, columns=cols + times + raw)
             table = tables[path]
             ep = table.filter(pc.equal(table["episode_index"], row["episode_index"]))
             if ep.num_rows != row["length"]:
@@ -286,18 +320,55 @@ class EpisodeDataset:
                         f"at frame {bad[0]}, dim {bad[1]}"
                     )
             ts = ep["timestamp"].to_numpy().astype(np.float64)
-            times = ep["capture_time"].to_numpy() if "capture_time" in ep.column_names else ts
+            names = ep.column_names
+            if CAPTURE_KEY in names:
+                time_ns = ep[CAPTURE_KEY].to_numpy().astype(np.int64)
+            elif LEGACY_CAPTURE_KEY in names:  # float64 seconds, older versions
+                time_ns = np.array([seconds_to_ns(x) for x in ep[LEGACY_CAPTURE_KEY].to_numpy()], np.int64)
+            else:
+                time_ns = np.array([seconds_to_ns(x) for x in ts], np.int64)
+            stamps_ns = {
+                name: ep[col].to_numpy().astype(np.int64) for name, col in streams.items() if col in names
+            }
+            fingerprint = None
+            if STATE_KEY in names and ACTION_KEY in names:  # what names the episode in the sidecar
+                fingerprint = episode_fingerprint(
+                    column_matrix(ep, STATE_KEY, path),
+                    column_matrix(ep, ACTION_KEY, path),
+                    time_ns if CAPTURE_KEY in names else None,
+                )
             task_idx = ep["task_index"][0].as_py()
             task = self.tasks[task_idx] if 0 <= task_idx < len(self.tasks) else (row.get("tasks") or [""])[0]
             out.append(
                 {
                     "state": state,
                     "action": action,
-                    "timestamps": np.asarray(times, np.float64),
+                    "timestamps": ns_to_seconds(time_ns),
+                    "time_ns": time_ns,
+                    "stamps_ns": stamps_ns,
+                    "fingerprint": fingerprint,
                     "video_ts": ts,
                     "task": task,
                 }
             )
+        return out
+
+    def _match_outcomes(self) -> list[tuple[bool | None, dict]]:
+        """(success, metadata) per episode: from the sidecar line whose fingerprint is the
+        episode's; else from the columns older versions kept in meta/episodes; else unknown."""
+        records = read_carp_episodes(self.root)
+        matched = match_carp_episodes(records, [v["fingerprint"] or "" for v in self._vectors])
+        out: list[tuple[bool | None, dict]] = []
+        for row, rec in zip(self._rows, matched):
+            if rec is not None:
+                out.append((_known_bool(rec.get("success")), dict(rec.get("metadata") or {})))
+                continue
+            meta = row.get("metadata")
+            try:
+                meta = json.loads(meta) if isinstance(meta, str) and meta else {}
+            except json.JSONDecodeError:
+                meta = {}
+            out.append((_known_bool(row.get("success")), meta if isinstance(meta, dict) else {}))
         return out
 
     def _load_images(self, i: int) -> dict[str, np.ndarray]:
@@ -340,6 +411,18 @@ class EpisodeDataset:
         return np.stack(
             [np.asarray(Image.open(io.BytesIO(c["bytes"])).convert("RGB")) for c in table[key].to_pylist()]
         )
+
+
+def _known_bool(x: object) -> bool | None:
+    """A recorded flag, or None where it is missing or empty (a NaN from a pandas merge included):
+    unknown is never read as True or as False."""
+    if isinstance(x, (bool, np.bool_)):
+        return bool(x)
+    if isinstance(x, (int, np.integer)) and x in (0, 1):
+        return bool(x)
+    if isinstance(x, float) and x in (0.0, 1.0):
+        return bool(x)
+    return None
 
 
 def _schema_names(path: Path) -> list[str]:

@@ -9,16 +9,20 @@ import numpy as np
 import pyarrow.compute as pc
 
 from .format import (
-    EPISODES_PATH,
+    CAPTURE_KEY,
+    CARP_EPISODES_PATH,
     INFO_PATH,
     STAGING_DIR,
     STATS_PATH,
     DatasetError,
     column_matrix,
     decode_video,
+    read_carp_episodes,
+    read_episode_rows,
     read_json,
     read_parquet,
     read_tasks,
+    schema_split,
 )
 from .writer import orphan_files
 
@@ -79,11 +83,13 @@ def validate_dataset(root: str | Path, decode_videos: bool = True) -> Validation
     else:
         rep.warnings.append(f"{root / STATS_PATH}: missing (LeRobot policies need it for normalisation)")
     try:
-        rows = read_parquet(root / EPISODES_PATH.rsplit("/", 2)[0]).to_pylist()
-        rep.files_checked += 1
+        rows, ep_files = read_episode_rows(root)
+        rep.files_checked += len(ep_files)
     except DatasetError as e:
         rep.errors.append(str(e))
         return rep
+    rep.errors.extend(schema_split(ep_files))
+    _check_episode_columns(root, feats, ep_files, rep)
     rows.sort(key=lambda r: r["episode_index"])
     if len(rows) < total:
         rep.errors.append(f"{root / 'meta/episodes'}: {len(rows)} episode rows but info.json commits {total}")
@@ -104,6 +110,7 @@ def validate_dataset(root: str | Path, decode_videos: bool = True) -> Validation
         if f.get("dtype") in ("float32", "float64") and len(f.get("shape", [])) == 1 and f["shape"][0] > 1
     ]
     tables: dict[Path, object] = {}
+    checked_columns: set[Path] = set()
     for r in rows:
         ep = r["episode_index"]
         path = root / info["data_path"].format(
@@ -119,6 +126,15 @@ def validate_dataset(root: str | Path, decode_videos: bool = True) -> Validation
         table = tables[path]
         if table is None:
             continue
+        if path not in checked_columns:
+            checked_columns.add(path)
+            want = {k for k, f in feats.items() if f.get("dtype") != "video"}
+            have = set(table.column_names)
+            if want != have:  # LeRobot reads data files cast to exactly these features
+                rep.errors.append(
+                    f"{path}: columns do not match info.json's features (missing {sorted(want - have)[:4]}, "
+                    f"extra {sorted(have - want)[:4]}); LeRobot cannot load it"
+                )
         t = table.filter(pc.equal(table["episode_index"], ep)).sort_by("frame_index")
         if t.num_rows != r["length"]:
             rep.errors.append(f"{path}: episode {ep} has {t.num_rows} rows, metadata says {r['length']}")
@@ -152,7 +168,21 @@ def validate_dataset(root: str | Path, decode_videos: bool = True) -> Validation
             elif not np.all(np.isfinite(x)):
                 bad = np.argwhere(~np.isfinite(x))[0]
                 rep.errors.append(f"{path}: episode {ep} {key} is not finite at frame {bad[0]}, dim {bad[1]}")
+        if CAPTURE_KEY in t.column_names and not np.all(np.diff(t[CAPTURE_KEY].to_numpy()) > 0):
+            rep.warnings.append(f"{path}: episode {ep} {CAPTURE_KEY} does not increase frame to frame")
         rep.frames += t.num_rows
+
+    try:
+        records = read_carp_episodes(root)
+        if records:
+            rep.files_checked += 1
+        if len(records) > total + 1:
+            rep.warnings.append(
+                f"{root / CARP_EPISODES_PATH}: {len(records)} lines for {total} episodes "
+                "(lines of episodes no longer in the dataset are ignored)"
+            )
+    except DatasetError as e:
+        rep.errors.append(str(e))
 
     if decode_videos:
         _check_videos(root, info, rows, fps, rep)
@@ -164,6 +194,30 @@ def validate_dataset(root: str | Path, decode_videos: bool = True) -> Validation
     if (root / STAGING_DIR).exists() and any((root / STAGING_DIR).iterdir()):
         rep.warnings.append(f"{root / STAGING_DIR}: staging files (a writer is recording, or one crashed)")
     return rep
+
+
+def _check_episode_columns(
+    root: Path, feats: dict, files: list[tuple[Path, object, int]], rep: ValidationReport
+) -> None:
+    """Columns that break LeRobot's resume(): it writes a new episodes file with stats/<feature>/*
+    for every feature and nothing else, and cannot load the dataset when the old files differ."""
+    if not files:
+        return
+    path, schema, _ = files[0]
+    names = set(schema.names)
+    no_stats = [k for k, f in feats.items() if not any(n.startswith(f"stats/{k}/") for n in names)]
+    ours = sorted(names & {"success", "metadata"})
+    if no_stats or ours:
+        what = []
+        if no_stats:
+            what.append(f"no stats/<feature>/* columns for {no_stats[:6]}")
+        if ours:
+            what.append(f"extra columns {ours}")
+        rep.warnings.append(
+            f"{path}: {'; '.join(what)} (an older version of this writer, or another tool): LeRobot "
+            "loads it, but not after its resume() appends an episode; `carp-dataset export` "
+            "rewrites the dataset in the current form"
+        )
 
 
 def _check_videos(root: Path, info: dict, rows: list[dict], fps: float, rep: ValidationReport) -> None:

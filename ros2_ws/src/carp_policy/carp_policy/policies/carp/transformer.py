@@ -1,4 +1,5 @@
-"""CARP: the coarse-to-fine autoregressive transformer and the policy object around it.
+"""The coarse-to-fine autoregressive transformer of CARP: the network alone (modeling_carp.py joins
+it with the tokenizer; the policy object in policies/policy.py holds the I/O).
 
 Sequence layout. The K token maps of a chunk (scale k: D*k tokens) are flattened scale-major, and
 within a scale dimension-major then time (token d*k + t), so with D=10 and scales (1, 2, 3, 4) the
@@ -14,28 +15,12 @@ Inference: one forward per scale with a KV cache and no mask (``CarpTransformer.
 
 from __future__ import annotations
 
-import json
 import math
-import time
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from carp_policy.actions import (
-    ROT6D,
-    ActionChunk,
-    Observation,
-    matrix_to_rot6d,
-    rot6d_to_matrix,
-    validate_observation,
-)
-from carp_policy.config import CarpConfig, TokenizerConfig, TransformerConfig
-from carp_policy.encoders import build_encoder
-from carp_policy.normalization import Normalizer
-from carp_policy.tokenizer import MultiScaleTokenizer
+from carp_policy.policies.carp.configuration_carp import TokenizerConfig, TransformerConfig
 
 
 # ----------------------------------------------------------------------------- transformer
@@ -201,150 +186,3 @@ class CarpTransformer(nn.Module):
             ks.append(k)
             vs.append(v)
         return self.logits(x, cond), torch.stack(ks), torch.stack(vs)
-
-
-# ----------------------------------------------------------------------------- the whole model
-def sample_tokens(
-    logits: torch.Tensor, top_k: int = 0, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """(B, T_k, V) -> (B, T_k) code indices: greedy when top_k == 0, else sampled from the top k."""
-    if top_k <= 0:
-        return logits.argmax(dim=-1)
-    vals, idx = logits.topk(top_k, dim=-1)
-    pick = torch.multinomial(vals.softmax(-1).flatten(0, 1), 1, generator=generator)  # (B*T_k, 1)
-    return idx.flatten(0, 1).gather(1, pick).view(logits.shape[:2])
-
-
-class CarpModel(nn.Module):
-    """Tokenizer + observation encoder + transformer: everything a CARP checkpoint holds."""
-
-    def __init__(self, cfg: CarpConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.tokenizer = MultiScaleTokenizer(cfg.tokenizer)
-        self.encoder = build_encoder(cfg.encoder)
-        self.gpt = CarpTransformer(cfg.transformer, cfg.tokenizer, cfg.encoder.out_dim)
-
-    @staticmethod
-    def flat_tokens(idx_list: list[torch.Tensor]) -> torch.Tensor:
-        """K token maps (B, D, k) -> (B, T) in sequence order."""
-        return torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
-
-    def loss(self, batch: dict, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Policy-stage loss. batch: normalised obs tensors; actions: (B, H, D) normalised targets."""
-        with torch.no_grad():
-            idx_list = self.tokenizer.encode(actions)
-            x_in = self.tokenizer.teacher_forcing_inputs(idx_list)  # (B, T - D, C)
-        target = self.flat_tokens(idx_list)  # (B, T)
-        logits = self.gpt(self.encoder(batch), x_in)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
-        acc = (logits.argmax(-1) == target).float().mean()
-        return loss, {"loss": loss.item(), "token_acc": acc.item()}
-
-    @torch.no_grad()
-    def generate(self, batch: dict, top_k: int = 0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Observation batch -> (B, H, D) normalised actions: K cached transformer steps, coarse to fine."""
-        tok, gpt = self.tokenizer, self.gpt
-        cond = self.encoder(batch)  # (B, cond_dim)
-        B = cond.shape[0]
-        past_k, past_v = gpt.empty_cache(B, cond.device)
-        f_hat = cond.new_zeros(B, tok.D * tok.C, tok.L)
-        h = gpt.start_tokens(cond)
-        for si, k in enumerate(tok.scales):  # static loop over K scales
-            logits, past_k, past_v = gpt.step(h, cond, past_k, past_v)
-            idx = sample_tokens(logits, top_k, generator).view(B, tok.D, k)
-            f_hat, nxt = tok.next_input(si, f_hat, idx)
-            h = gpt.word_embed(nxt)
-        return tok.decode_features(f_hat)
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters())
-
-
-# ----------------------------------------------------------------------------- the policy
-class CarpPolicy:
-    """CARP behind the stack's ``Policy`` protocol: Observation -> 16-step ActionChunk in physical units."""
-
-    def __init__(
-        self,
-        config: CarpConfig,
-        weights: dict[str, torch.Tensor] | None,
-        normalizer: Normalizer,
-        device: str = "cpu",
-        top_k: int = 0,
-    ) -> None:
-        self.config = config
-        self.normalizer = normalizer
-        self.device = torch.device(device)
-        self.top_k = top_k
-        self.model = CarpModel(config)
-        if weights is not None:
-            missing, unexpected = self.model.load_state_dict(weights, strict=False)
-            if missing or unexpected:
-                raise ValueError(
-                    f"checkpoint does not match the config: missing {missing[:5]}, "
-                    f"unexpected {unexpected[:5]}"
-                )
-        self.model.to(self.device).eval()
-        enc = config.encoder
-        self.obs_horizon = enc.obs_horizon
-        self.cameras: tuple[str, ...] = tuple(enc.cameras) if enc.kind == "visual" else ()
-        self._state_scale, self._state_offset = normalizer.torch_params("state")
-
-    @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "cpu", top_k: int = 0) -> CarpPolicy:
-        """Load a ``carp-train`` run directory (config.yaml, normalization.json, the EMA weights)."""
-        from safetensors.torch import load_file
-
-        run = Path(run_dir)
-        for name in ("config.yaml", "normalization.json", "tokenizer.safetensors", "policy.safetensors"):
-            if not (run / name).exists():
-                raise FileNotFoundError(f"{run / name} missing: is {run} a finished carp-train run?")
-        weights = load_file(str(run / "tokenizer.safetensors"))
-        weights.update(load_file(str(run / "policy.safetensors")))
-        return cls(
-            CarpConfig.load(run / "config.yaml"),
-            weights,
-            Normalizer.load(run / "normalization.json"),
-            device=device,
-            top_k=top_k,
-        )
-
-    def reset(self) -> None:
-        """CARP keeps no state between chunks (the observation history lives with the caller)."""
-
-    def _batch(self, obs: Observation) -> dict:
-        """Validate one observation and turn it into a normalised batch of 1."""
-        enc = self.config.encoder
-        state, images = validate_observation(
-            obs, self.obs_horizon, enc.state_dim, self.cameras, enc.image_size, enc.env_state_dim
-        )
-        self._state_now = state[-1]  # a relative chunk is an offset from this TCP position
-        state = self.normalizer.state_to_frame(state).astype(np.float32)
-        norm = (state - self._state_offset) / self._state_scale
-        return {
-            "state": torch.from_numpy(norm)[None].to(self.device),
-            "images": {cam: torch.from_numpy(img)[None].to(self.device) for cam, img in images.items()},
-        }
-
-    def predict(self, observation: Observation) -> ActionChunk:
-        """Observation (O steps) -> ActionChunk of H actions in physical units, rot6d re-orthonormalised."""
-        t0 = time.perf_counter()
-        batch = self._batch(observation)
-        actions = self.model.generate(batch, top_k=self.top_k)[0].float().cpu().numpy()  # (H, D)
-        actions = self.normalizer.unnormalize_action(actions)
-        actions = self.normalizer.actions_from_frame(actions, self._state_now)
-        actions[:, ROT6D] = matrix_to_rot6d(rot6d_to_matrix(actions[:, ROT6D]))
-        return ActionChunk(
-            actions=actions, timestamp=observation.timestamp, latency_s=time.perf_counter() - t0
-        )
-
-    def describe(self) -> str:
-        """One-line summary with parameter counts."""
-        m = self.model
-        counts = {k: count_parameters(getattr(m, k)) for k in ("tokenizer", "encoder", "gpt")}
-        return json.dumps(
-            {"name": self.config.name, **counts, "policy_params": counts["encoder"] + counts["gpt"]}
-        )

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from carp_policy.config import TokenizerConfig
+from carp_policy.policies.carp.configuration_carp import TokenizerConfig
 
 
 def _interp_matrix(src: int, dst: int, mode: str) -> torch.Tensor:

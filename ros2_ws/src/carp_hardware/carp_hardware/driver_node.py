@@ -1,0 +1,304 @@
+"""``ur5e_driver_node``: the rclpy shell around the driver core (``carp_hardware.driver.ArmDriver``).
+
+Subscribes ``/policy/action_chunk`` (trajectory_msgs/MultiDOFJointTrajectory; docs/design.md) and
+``/ur5e/twist_cmd`` (geometry_msgs/TwistStamped, teleoperation). Publishes ``/ur5e/joint_states``,
+``/ur5e/tcp_pose`` (PoseStamped, base frame), ``/gripper/joint_states`` (position[0] = opening, m)
+and ``/diagnostics`` (the driver's state, refusals, stops and faults by reason, observation age,
+inference time, chunk lead, tracking error). Services (std_srvs/Trigger): ``/ur5e/enable``,
+``/ur5e/stop``, ``/ur5e/home``, ``/ur5e/acknowledge``.
+
+``backend:=rtde`` drives the UR5e through ur_rtde and the Robotiq 2F-85 through its URCap socket.
+``backend:=sim`` drives the MuJoCo twin paced to the wall clock, and, since the twin's cameras and
+scene live in the same MuJoCo world, also publishes ``/cameras/{wrist,scene}/image_raw`` and
+``/sim/env_state``, plus ``/sim/episode`` (std_msgs/String, JSON: seed, time, success, reason) and a
+``/sim/reset`` service that starts the next episode. The driver core, its limits and its watchdog
+are the same code for both.
+
+The servo loop runs in its own thread at ``servo_hz``; ROS callbacks only hand it commands. Every
+stamp is on the host's wall clock (the ROS clock): the policy's chunks are scheduled against it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import TwistStamped
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from sensor_msgs.msg import JointState
+from std_msgs.msg import String
+from std_srvs.srv import Trigger
+from trajectory_msgs.msg import MultiDOFJointTrajectory
+
+from carp_hardware.kinematics import JOINT_NAMES
+from carp_policy.messages import chunk_from_msg, pose_to_msg, time_to_msg
+
+
+class DriverNode(Node):
+    """The arm and gripper behind ROS topics and services (module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__("ur5e_driver")
+        defaults = {"backend": "rtde", "robot_ip": "192.168.1.102", "limits": "default", "config": "default",
+                    "execute_steps": 8, "servo_hz": 0.0, "state_hz": 100.0, "enable": False,
+                    "task": "cup", "seed": 10000, "camera_fps": 30.0}  # fmt: skip
+        for k, v in defaults.items():
+            self.declare_parameter(k, v, ParameterDescriptor(dynamic_typing=True))
+        get = lambda k: self.get_parameter(k).value  # noqa: E731
+        from carp_hardware.driver import ArmDriver, DriverConfig
+        from carp_hardware.safety import SafetyLimits
+        from carp_policy.yaml_config import from_dict, load_yaml, to_dict
+
+        backend = str(get("backend"))
+        conf = str(get("config") or "default")
+        cfg = DriverConfig() if conf == "default" else load_yaml(DriverConfig, conf)
+        overrides = {"execute_steps": int(get("execute_steps"))}
+        if float(get("servo_hz")) > 0:
+            overrides["servo_hz"] = float(get("servo_hz"))
+        elif backend == "sim":
+            overrides["servo_hz"] = 100.0  # the twin at wall-clock pace: 100 Hz keeps up on 2 cores
+        lim = str(get("limits") or "default")
+        limits = None if lim == "default" else SafetyLimits.load(lim)  # None: the shipped YAML
+        self.lock = threading.RLock()  # the MuJoCo world (physics and renders) in the twin
+        self.cell = None
+        self.cameras: list = []
+        self.clock = _WallClock()
+        if backend == "sim":
+            from carp_sim.env import SimCell, SimConfig
+
+            # the twin's own driver config (closed-form IK, no controller to ask) at this rate
+            cfg = from_dict(DriverConfig, {**to_dict(cfg), **overrides, "ik": "local",
+                                           "check_controller_poses": False})  # fmt: skip
+            sim = SimConfig(render=False, servo_hz=cfg.servo_hz)
+            self.cell = SimCell(str(get("task")), sim, limits=limits, clock=self.clock, driver_config=cfg)
+            self.seed = int(get("seed"))
+            self.cell.reset(self.seed)
+            self.driver, self.arm, self.gripper = self.cell.driver, self.cell.arm, self.cell.gripper
+        elif backend == "rtde":
+            from carp_hardware.robotiq import Robotiq2F85, RobotiqConfig
+            from carp_hardware.ur_rtde_arm import RtdeArm, RtdeConfig
+
+            cfg = from_dict(DriverConfig, {**to_dict(cfg), **overrides})
+            ip = str(get("robot_ip"))
+            self.arm = RtdeArm(RtdeConfig(host=ip, servo_hz=cfg.servo_hz))
+            self.gripper = Robotiq2F85(RobotiqConfig(host=ip))
+            self.arm.connect()
+            self.gripper.connect()
+            limits = limits or SafetyLimits.load()
+            self.driver = ArmDriver(self.arm, self.gripper, limits, cfg, clock=self.clock)
+        else:
+            raise ValueError(f"ur5e_driver_node: backend must be rtde or sim, got {backend!r}")
+        self.backend = backend
+        self._setup_topics(float(get("state_hz")))
+        if backend == "sim":
+            self._setup_twin(float(get("camera_fps")))
+        if backend == "rtde" and bool(get("enable")):
+            self.driver.enable()  # on the robot the arm moves only once enabled (service or parameter)
+        self._running = True
+        self._servo_thread = threading.Thread(target=self._servo_loop, name="servo", daemon=True)
+        self._servo_thread.start()
+        self.get_logger().info(
+            f"driver: backend {backend}, servo {cfg.servo_hz:.0f} Hz, execute {cfg.execute_steps} steps, "
+            f"state {self.driver.state.value}"
+        )
+
+    # ------------------------------------------------------------------ servo loop (own thread)
+    def _servo_loop(self) -> None:
+        dt = self.driver.dt
+        next_t = time.perf_counter()
+        k = 0
+        while self._running:
+            if self.cell is None:
+                self.driver.tick()  # ur_rtde paces the loop (initPeriod / waitPeriod)
+                continue
+            with self.lock:  # the twin: one tick of driver and physics, then wait for the wall clock
+                self.driver.tick()
+                k += 1
+                if k % max(1, round(0.1 / dt)) == 0:
+                    self.cell.update_status()  # success / failure at the control rate
+            next_t += dt
+            wait = next_t - time.perf_counter()
+            if wait > 0:
+                time.sleep(wait)
+            elif wait < -0.1:  # fell far behind (a loaded CPU): continue from now, do not burst
+                next_t = time.perf_counter()
+
+    # ------------------------------------------------------------------ topics and services
+    def _setup_topics(self, state_hz: float) -> None:
+        cbg = ReentrantCallbackGroup()
+        self.pub_joints = self.create_publisher(JointState, "/ur5e/joint_states", 10)
+        from geometry_msgs.msg import PoseStamped
+
+        self.pub_tcp = self.create_publisher(PoseStamped, "/ur5e/tcp_pose", 10)
+        self.pub_grip = self.create_publisher(JointState, "/gripper/joint_states", 10)
+        self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_subscription(MultiDOFJointTrajectory, "/policy/action_chunk", self._on_chunk, 10,
+                                 callback_group=cbg)  # fmt: skip
+        self.create_subscription(TwistStamped, "/ur5e/twist_cmd", self._on_twist, 10, callback_group=cbg)
+        for name, fn in (("enable", self._srv_enable), ("stop", self._srv_stop), ("home", self._srv_home),
+                         ("acknowledge", self._srv_ack)):  # fmt: skip
+            self.create_service(Trigger, f"/ur5e/{name}", fn, callback_group=cbg)
+        # state in its own exclusive group: published in capture order (the policy's buffers refuse
+        # time going backwards); commands and services beside it, reentrant
+        ordered = MutuallyExclusiveCallbackGroup()
+        self.create_timer(1.0 / state_hz, self._publish_state, callback_group=ordered)
+        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+
+    def _setup_twin(self, camera_fps: float) -> None:
+        from carp_hardware.camera_node import CameraPublisher
+        from carp_hardware.cameras import SimCamera
+        from carp_sim.env import CAMERAS
+
+        for cam in CAMERAS if camera_fps > 0 else ():  # 0: no renders (a state model reads none)
+            c = SimCamera(cam, self.cell.model, self.cell.data, self.lock, size=self.cell.config.image_size,
+                          fps=camera_fps, clock=self.clock.now)  # fmt: skip
+            c.start()
+            self.cameras.append(c)
+            CameraPublisher(self, c, camera_fps)
+        self.pub_env = self.create_publisher(JointState, "/sim/env_state", 10)
+        self.pub_episode = self.create_publisher(String, "/sim/episode", 10)
+        self.create_service(Trigger, "/sim/reset", self._srv_reset)
+        self.create_timer(0.1, self._publish_episode, callback_group=MutuallyExclusiveCallbackGroup())
+
+    def _on_chunk(self, msg) -> None:
+        try:
+            chunk = chunk_from_msg(msg)
+        except ValueError as e:  # malformed: never reaches the arm
+            self.get_logger().warning(f"chunk refused: {e}", throttle_duration_sec=1.0)
+            return
+        result = self.driver.submit_chunk(chunk)
+        if not result.accepted and result.refusal is not None:
+            self.get_logger().warning(f"chunk refused: {result.refusal.message}", throttle_duration_sec=1.0)
+
+    def _on_twist(self, msg) -> None:
+        t, a = msg.twist.linear, msg.twist.angular
+        result = self.driver.command_twist(np.array([t.x, t.y, t.z, a.x, a.y, a.z]))
+        if not result.accepted and result.refusal is not None:
+            self.get_logger().warning(f"twist refused: {result.refusal.message}", throttle_duration_sec=1.0)
+
+    def _trigger(self, fn, response, done: str):
+        try:
+            out = fn()
+            response.success, response.message = True, str(out or done)
+        except Exception as e:  # a refused command is the answer, not a crash of the node
+            response.success, response.message = False, str(e)
+        return response
+
+    def _srv_enable(self, _req, res):
+        return self._trigger(self.driver.enable, res, "enabled")
+
+    def _srv_stop(self, _req, res):
+        return self._trigger(lambda: self.driver.stop("operator stop (service)"), res, "stopped")
+
+    def _srv_home(self, _req, res):
+        return self._trigger(self.driver.home, res, "homed")
+
+    def _srv_ack(self, _req, res):
+        return self._trigger(self.driver.acknowledge, res, "acknowledged")
+
+    def _srv_reset(self, _req, res):
+        def reset() -> str:
+            with self.lock:
+                self.seed += 1
+                self.cell.reset(self.seed)  # stops the driver and re-enables it from the new pose
+            return f"episode seed {self.seed}"
+
+        return self._trigger(reset, res, "reset")
+
+    def _publish_state(self) -> None:
+        with self.lock:  # one instant: the arm, the gripper and (the twin) the scene
+            st = self.arm.state()
+            g = self.gripper.state()
+            t = self.clock.now()
+            scene = None if self.cell is None else self.cell.observe().env_state
+        stamp = time_to_msg(t)
+        if scene is not None:  # at the state's rate and stamp: no skew between them
+            from carp_sim.env import ENV_STATE_NAMES
+
+            es = JointState(name=list(ENV_STATE_NAMES), position=[float(x) for x in scene])
+            es.header.stamp = stamp
+            self.pub_env.publish(es)
+        js = JointState(name=list(JOINT_NAMES), position=[float(x) for x in st.q])
+        js.header.stamp = stamp
+        self.pub_joints.publish(js)
+        self.pub_tcp.publish(pose_to_msg(st.tcp, t))
+        gs = JointState(name=["gripper"], position=[float(g.opening)])
+        gs.header.stamp = stamp
+        self.pub_grip.publish(gs)
+
+    def _publish_episode(self) -> None:
+        with self.lock:
+            out = self.cell.outcome()
+        info = {"seed": self.seed, "sim_time": self.cell.time, "done": bool(self.cell.done),
+                "success": bool(out.success), "reason": out.reason}  # fmt: skip
+        self.pub_episode.publish(String(data=json.dumps(info)))
+
+    def _publish_diagnostics(self) -> None:
+        d = self.driver.diagnostics()
+        st = DiagnosticStatus(name="ur5e_driver", hardware_id=self.backend)
+        st.level = DiagnosticStatus.OK if d["state"] in ("running", "idle") else DiagnosticStatus.WARN
+        if d["state"] == "fault":
+            st.level = DiagnosticStatus.ERROR
+        st.message = f"{d['state']}" + (f": {d['reason']}" if d.get("reason") else "")
+        st.values = [KeyValue(key=k, value=json.dumps(v, default=float)) for k, v in d.items()]
+        arr = DiagnosticArray(status=[st])
+        arr.header.stamp = time_to_msg(self.clock.now())
+        self.pub_diag.publish(arr)
+
+    def destroy_node(self) -> None:
+        self._running = False
+        if self._servo_thread.is_alive():
+            self._servo_thread.join(timeout=2.0)
+        try:
+            self.driver.stop("driver node shutting down")
+        except Exception as e:  # the arm is stopped by the controller-side watchdog regardless
+            self.get_logger().error(f"stop on shutdown failed: {e}")
+        for c in self.cameras:
+            c.stop()
+        if self.cell is not None:
+            self.cell.close()
+        else:
+            self.arm.close()
+            self.gripper.close()
+        super().destroy_node()
+
+
+class _WallClock:
+    """The robot's driver clock: the host's wall clock, the ROS clock every stamp is on."""
+
+    def now(self) -> float:
+        return time.time()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the node until Ctrl-C; a bad backend, limit file or connection is one line, exit 2."""
+    rclpy.init(args=argv)
+    node = None
+    try:
+        node = DriverNode()
+        ex = MultiThreadedExecutor(num_threads=3)
+        ex.add_node(node)
+        ex.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as e:
+        print(f"ur5e_driver_node: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

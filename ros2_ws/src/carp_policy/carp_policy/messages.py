@@ -1,0 +1,190 @@
+"""Conversions between the stack's contract types and standard ROS 2 messages (docs/design.md).
+
+The only module that knows both sides: nodes call these and nothing else touches message fields.
+Standard messages only (custom .msg packages would need a cmake build):
+
+- ``ActionChunk`` <-> ``trajectory_msgs/MultiDOFJointTrajectory``: joint_names ``[tcp, gripper]``, the
+  TCP pose in ``transforms[0]``, the gripper opening (m) in ``transforms[1].translation.x``,
+  ``header.stamp`` = the observation time, ``time_from_start`` = (i + 1) * dt;
+- TCP pose (4, 4) <-> ``geometry_msgs/PoseStamped`` in the base frame, quaternion (x, y, z, w);
+- camera frame (H, W, 3) uint8 <-> ``sensor_msgs/Image``, encoding ``rgb8``;
+- capture time, s <-> ``builtin_interfaces/Time``, through integer nanoseconds, so a wall-clock
+  time keeps its nanoseconds.
+
+A malformed message raises ``ValueError`` naming what is wrong; the receiving node logs it, counts
+it and drops the message (it never reaches the arm).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from builtin_interfaces.msg import Duration, Time
+from geometry_msgs.msg import PoseStamped, Transform
+from scipy.spatial.transform import Rotation
+from sensor_msgs.msg import Image
+from trajectory_msgs.msg import MultiDOFJointTrajectory, MultiDOFJointTrajectoryPoint
+
+from carp_policy.actions import ACTION_DIM, GRIPPER, POS, ROT6D, ActionChunk, matrix_to_rot6d
+
+CHUNK_JOINTS = ("tcp", "gripper")
+BASE_FRAME = "base"
+
+
+# ----------------------------------------------------------------------------- time
+def time_to_msg(t: float | int, *, ns: bool = False) -> Time:
+    """Seconds (float) or, with ``ns=True``, integer nanoseconds -> builtin_interfaces/Time."""
+    total = int(t) if ns else round(float(t) * 1e9)
+    if total < 0:
+        raise ValueError(f"a ROS time cannot be negative, got {total} ns")
+    return Time(sec=total // 1_000_000_000, nanosec=total % 1_000_000_000)
+
+
+def time_from_msg(msg: Time) -> float:
+    """builtin_interfaces/Time -> seconds (float64: ~0.24 us resolution at today's epoch)."""
+    return msg.sec + msg.nanosec * 1e-9
+
+
+def time_ns_from_msg(msg: Time) -> int:
+    """builtin_interfaces/Time -> integer nanoseconds (lossless)."""
+    return msg.sec * 1_000_000_000 + msg.nanosec
+
+
+def _duration(seconds: float) -> Duration:
+    total = round(seconds * 1e9)
+    return Duration(sec=total // 1_000_000_000, nanosec=total % 1_000_000_000)
+
+
+def _seconds(d: Duration) -> float:
+    return d.sec + d.nanosec * 1e-9
+
+
+# ----------------------------------------------------------------------------- chunks
+def chunk_to_msg(chunk: ActionChunk, frame_id: str = BASE_FRAME) -> MultiDOFJointTrajectory:
+    """ActionChunk -> MultiDOFJointTrajectory (the layout in the module docstring)."""
+    msg = MultiDOFJointTrajectory()
+    msg.header.stamp = time_to_msg(chunk.timestamp)
+    msg.header.frame_id = frame_id
+    msg.joint_names = list(CHUNK_JOINTS)
+    quats = chunk.quaternions  # (H, 4) x, y, z, w
+    for i, a in enumerate(chunk.actions):
+        tcp, grip = Transform(), Transform()
+        tcp.translation.x, tcp.translation.y, tcp.translation.z = (float(v) for v in a[POS])
+        q = quats[i]
+        tcp.rotation.x, tcp.rotation.y, tcp.rotation.z, tcp.rotation.w = (float(v) for v in q)
+        grip.translation.x = float(a[GRIPPER])
+        grip.rotation.w = 1.0
+        pt = MultiDOFJointTrajectoryPoint()
+        pt.transforms = [tcp, grip]
+        pt.time_from_start = _duration((i + 1) * chunk.dt)
+        msg.points.append(pt)
+    return msg
+
+
+def chunk_from_msg(msg: MultiDOFJointTrajectory, latency_s: float = 0.0) -> ActionChunk:
+    """MultiDOFJointTrajectory -> ActionChunk; a malformed message raises ValueError naming the fault.
+
+    Checked: the joint names, two transforms per point, unit quaternions, step times (i + 1) * dt with
+    one dt for the whole chunk, finite values (``ActionChunk`` refuses NaN/inf)."""
+    if tuple(msg.joint_names) != CHUNK_JOINTS:
+        raise ValueError(f"chunk joint_names must be {list(CHUNK_JOINTS)}, got {list(msg.joint_names)}")
+    if not msg.points:
+        raise ValueError("chunk has no points")
+    H = len(msg.points)
+    actions = np.zeros((H, ACTION_DIM))
+    times = np.zeros(H)
+    for i, pt in enumerate(msg.points):
+        if len(pt.transforms) != 2:
+            n = len(pt.transforms)
+            raise ValueError(f"chunk point {i} has {n} transforms, expected 2 (tcp, gripper)")
+        tcp, grip = pt.transforms
+        q = np.array([tcp.rotation.x, tcp.rotation.y, tcp.rotation.z, tcp.rotation.w])
+        if not np.all(np.isfinite(q)) or abs(np.linalg.norm(q) - 1.0) > 1e-3:
+            raise ValueError(f"chunk point {i}: TCP rotation is not a unit quaternion ({q.tolist()})")
+        actions[i, POS] = [tcp.translation.x, tcp.translation.y, tcp.translation.z]
+        actions[i, ROT6D] = matrix_to_rot6d(Rotation.from_quat(q).as_matrix())
+        actions[i, GRIPPER] = grip.translation.x
+        times[i] = _seconds(pt.time_from_start)
+    dt = times[0]
+    if dt <= 0 or not np.allclose(times, dt * np.arange(1, H + 1), atol=1e-6):
+        raise ValueError(
+            f"chunk step times must be (i + 1) * dt with one dt > 0, got {np.round(times, 6).tolist()}"
+        )
+    return ActionChunk(actions, timestamp=time_from_msg(msg.header.stamp), dt=float(dt), latency_s=latency_s)
+
+
+# ----------------------------------------------------------------------------- poses, images
+def pose_to_msg(pose: np.ndarray, t: float, frame_id: str = BASE_FRAME) -> PoseStamped:
+    """TCP pose (4, 4) at capture time t -> PoseStamped."""
+    pose = np.asarray(pose, dtype=np.float64)
+    msg = PoseStamped()
+    msg.header.stamp = time_to_msg(t)
+    msg.header.frame_id = frame_id
+    p, q = pose[:3, 3], Rotation.from_matrix(pose[:3, :3]).as_quat()
+    msg.pose.position.x, msg.pose.position.y, msg.pose.position.z = (float(v) for v in p)
+    o = msg.pose.orientation
+    o.x, o.y, o.z, o.w = (float(v) for v in q)
+    return msg
+
+
+def pose_from_msg(msg: PoseStamped) -> tuple[np.ndarray, float]:
+    """PoseStamped -> (TCP pose (4, 4), capture time s); refuses NaN and non-unit quaternions."""
+    o, p = msg.pose.orientation, msg.pose.position
+    q = np.array([o.x, o.y, o.z, o.w])
+    xyz = np.array([p.x, p.y, p.z])
+    if not (np.all(np.isfinite(q)) and np.all(np.isfinite(xyz))):
+        raise ValueError("pose message is not finite (NaN/inf)")
+    if abs(np.linalg.norm(q) - 1.0) > 1e-3:
+        raise ValueError(f"pose orientation is not a unit quaternion ({q.tolist()})")
+    pose = np.eye(4)
+    pose[:3, :3] = Rotation.from_quat(q).as_matrix()
+    pose[:3, 3] = xyz
+    return pose, time_from_msg(msg.header.stamp)
+
+
+def image_to_msg(image: np.ndarray, t: float, frame_id: str) -> Image:
+    """(H, W, 3) uint8 RGB at capture time t -> sensor_msgs/Image (rgb8)."""
+    image = np.ascontiguousarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    msg = Image()
+    msg.header.stamp = time_to_msg(t)
+    msg.header.frame_id = frame_id
+    msg.height, msg.width = image.shape[:2]
+    msg.encoding = "rgb8"
+    msg.is_bigendian = 0
+    msg.step = image.shape[1] * 3
+    msg.data = image.tobytes()
+    return msg
+
+
+def image_from_msg(msg: Image) -> tuple[np.ndarray, float]:
+    """sensor_msgs/Image (rgb8 or bgr8) -> ((H, W, 3) uint8 RGB, capture time s)."""
+    if msg.encoding not in ("rgb8", "bgr8"):
+        raise ValueError(f"image encoding must be rgb8 or bgr8, got {msg.encoding!r}")
+    H, W, step = msg.height, msg.width, msg.step
+    if step < 3 * W or len(msg.data) != H * step:
+        raise ValueError(f"image data has {len(msg.data)} bytes, expected {H} rows of step {step} >= {3 * W}")
+    arr = np.frombuffer(bytes(msg.data), np.uint8).reshape(H, step)[:, : 3 * W].reshape(H, W, 3)
+    if msg.encoding == "bgr8":
+        arr = arr[..., ::-1]
+    return np.ascontiguousarray(arr), time_from_msg(msg.header.stamp)
+
+
+def state_vector(pose: np.ndarray, gripper: float) -> np.ndarray:
+    """TCP pose (4, 4) + gripper opening -> the 10-number state vector (see carp_policy.actions)."""
+    return np.concatenate([pose[:3, 3], matrix_to_rot6d(pose[:3, :3]), [gripper]])
+
+
+__all__ = [
+    "CHUNK_JOINTS",
+    "chunk_from_msg",
+    "chunk_to_msg",
+    "image_from_msg",
+    "image_to_msg",
+    "pose_from_msg",
+    "pose_to_msg",
+    "state_vector",
+    "time_from_msg",
+    "time_ns_from_msg",
+    "time_to_msg",
+]

@@ -1,0 +1,68 @@
+"""Configuration of a CARP policy: the shared sections (policies/base.py) plus the tokenizer and the
+transformer. Every field with its meaning and default; the defaults are ``configs/state.yaml``'s.
+
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from carp_policy.policies.base import PolicyConfig
+
+
+@dataclass
+class TokenizerConfig:
+    """Multi-scale action VQ-VAE (stage 1)."""
+
+    action_dim: int = 10  # D: one VQ-VAE per action dimension
+    horizon: int = 16  # H: action chunk length
+    latent_len: int = 4  # L: temporal feature length after the encoder (H / 4)
+    code_dim: int = 8  # C: feature / codebook entry size
+    codebook_size: int = 512  # V: codebook entries per dimension, shared across scales
+    scales: tuple[int, ...] = (1, 2, 3, 4)  # token-map lengths, coarse to fine; the last must be L
+    hidden: int = 16  # channels per dimension inside encoder / decoder
+    beta: float = 0.25  # commitment weight
+    phi_ratio: float = 0.5  # phi_k(x) = (1 - r) x + r conv(x), as in VAR
+    revive_every: int = 200  # training steps between dead-code re-initialisations (0: never)
+    lookup: str = "l2"  # nearest-code metric: "l2" (matches magnitude too) or "cosine" (the paper's)
+
+
+@dataclass
+class TransformerConfig:
+    """GPT-2-style coarse-to-fine transformer (stage 2)."""
+
+    depth: int = 8  # blocks
+    width: int = 64  # n: token embedding size
+    heads: int = 4  # attention heads (width must divide by it)
+    mlp_ratio: float = 4.0  # MLP hidden size / width
+    dropout: float = 0.0  # attention and MLP dropout in training
+
+
+@dataclass
+class CarpConfig(PolicyConfig):
+    """Everything that defines a CARP policy and how it is trained."""
+
+    FAMILY: ClassVar[str] = "carp"
+
+    name: str = "carp_state"  # run / model name (manifest, reports)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # stage 1: action tokens
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)  # stage 2: the policy
+
+    @property
+    def horizon(self) -> int:
+        """H, actions per chunk: the tokenizer's."""
+        return self.tokenizer.horizon
+
+    def __post_init__(self) -> None:
+        tok = self.tokenizer
+        if tok.scales[-1] != tok.latent_len:
+            raise ValueError(f"tokenizer.scales must end at latent_len={tok.latent_len}, got {tok.scales}")
+        if tok.horizon != 4 * tok.latent_len:
+            raise ValueError("tokenizer.horizon must be 4 x latent_len (two stride-2 convolutions)")
+        if tok.lookup not in ("l2", "cosine"):
+            raise ValueError(f"tokenizer.lookup must be 'l2' or 'cosine', got {tok.lookup!r}")
+        if self.transformer.width % self.transformer.heads:
+            raise ValueError("transformer.width must be divisible by transformer.heads")
+        super().__post_init__()

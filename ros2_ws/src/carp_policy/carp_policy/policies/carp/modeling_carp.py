@@ -1,0 +1,252 @@
+"""CARP: the multi-scale tokenizer and the coarse-to-fine transformer as one model, and its policy.
+
+``CarpModel`` holds everything a CARP checkpoint holds (tokenizer.py, the observation encoder,
+transformer.py) with the two entry points of VAR: ``loss`` (teacher forcing, block-causal mask) and
+``generate`` (K KV-cached scale steps, coarse to fine). ``scale_step`` is the one scale step: the
+torch policy, the exported graphs (export_carp.py) and the export's parity check all run it.
+``CarpPolicy`` is the shared ``ChunkPolicy`` (policies/policy.py) with this model as its runner.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from carp_policy.encoders import build_encoder
+from carp_policy.normalization import Normalizer
+from carp_policy.policies.carp.configuration_carp import CarpConfig
+from carp_policy.policies.carp.tokenizer import MultiScaleTokenizer
+from carp_policy.policies.carp.transformer import CarpTransformer
+from carp_policy.policies.policy import ChunkPolicy
+from carp_policy.processor import EncodedObservations
+
+
+def sample_tokens(
+    logits: torch.Tensor, top_k: int = 0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """(B, T_k, V) -> (B, T_k) code indices: greedy when top_k == 0, else sampled from the top k."""
+    if top_k <= 0:
+        return logits.argmax(dim=-1)
+    vals, idx = logits.topk(top_k, dim=-1)
+    pick = torch.multinomial(vals.softmax(-1).flatten(0, 1), 1, generator=generator)  # (B*T_k, 1)
+    return idx.flatten(0, 1).gather(1, pick).view(logits.shape[:2])
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters())
+
+
+class CarpModel(nn.Module):
+    """Tokenizer + observation encoder + transformer: everything a CARP checkpoint holds."""
+
+    stages = ("tokenizer", "policy")  # carp-train's stages, in order
+    policy_log_fields = ("token_acc",)  # what ``loss`` reports besides the loss
+
+    def __init__(self, cfg: CarpConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = MultiScaleTokenizer(cfg.tokenizer)
+        self.encoder = build_encoder(cfg.encoder)
+        self.gpt = CarpTransformer(cfg.transformer, cfg.tokenizer, cfg.encoder.out_dim)
+
+    @staticmethod
+    def flat_tokens(idx_list: list[torch.Tensor]) -> torch.Tensor:
+        """K token maps (B, D, k) -> (B, T) in sequence order."""
+        return torch.cat([idx.flatten(1) for idx in idx_list], dim=1)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, batch: dict, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Policy-stage loss. batch: normalised obs tensors; actions: (B, H, D) normalised targets."""
+        with torch.no_grad():
+            idx_list = self.tokenizer.encode(actions)
+            x_in = self.tokenizer.teacher_forcing_inputs(idx_list)  # (B, T - D, C)
+        target = self.flat_tokens(idx_list)  # (B, T)
+        logits = self.gpt(self.encoder(batch), x_in)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+        acc = (logits.argmax(-1) == target).float().mean()
+        return loss, {"loss": loss.item(), "token_acc": acc.item()}
+
+    def policy_stage_modules(self) -> nn.ModuleDict:
+        """What the policy stage trains (and averages into the EMA): encoder + transformer."""
+        return nn.ModuleDict({"encoder": self.encoder, "gpt": self.gpt})
+
+    def prepare_policy_stage(self, run: Path, device: torch.device) -> None:
+        """The policy stage reads the frozen tokenizer of stage 1 from the run directory."""
+        from safetensors.torch import load_file
+
+        tok_path = run / "tokenizer.safetensors"
+        if not tok_path.exists():
+            raise FileNotFoundError(f"{tok_path} missing: run --stage tokenizer first (or --stage all)")
+        self.load_state_dict(load_file(str(tok_path), device=str(device)), strict=False)
+        self.tokenizer.eval().requires_grad_(False)
+
+    def with_policy_weights(self, net: nn.ModuleDict) -> CarpModel:
+        """A copy of this model with the policy stage's modules from ``net`` (e.g. the EMA)."""
+        out = CarpModel(self.cfg).to(next(self.parameters()).device)
+        out.tokenizer.load_state_dict(self.tokenizer.state_dict())
+        out.encoder.load_state_dict(net["encoder"].state_dict())
+        out.gpt.load_state_dict(net["gpt"].state_dict())
+        return out
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters per part (reports)."""
+        return {
+            "encoder": count_parameters(self.encoder),
+            "transformer": count_parameters(self.gpt),
+            "tokenizer": count_parameters(self.tokenizer),
+        }
+
+    # ------------------------------------------------------------------ inference
+    def scale_step(
+        self,
+        si: int,
+        cond: torch.Tensor,
+        x_in: torch.Tensor | None,
+        f_hat: torch.Tensor,
+        past_k: torch.Tensor,
+        past_v: torch.Tensor,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """One coarse-to-fine step: the transformer on scale ``si``'s input, its tokens, the
+        tokenizer's accumulation and the next scale's input.
+
+        si: scale index (static int); cond (B, E); x_in: (B, D*k_si, C) the previous step's
+        ``x_next`` (None at scale 0: the start tokens from ``cond``); f_hat (B, D*C, L) accumulated
+        so far (zeros before scale 0); past_k / past_v (depth, B, heads, T_past, head_dim).
+        Returns (tokens (B, D, k_si), f_hat', x_next (B, D*k_{si+1}, C), present_k, present_v);
+        after the last scale x_next is (B, 0, C). Greedy when top_k == 0 (what the graphs do)."""
+        tok, gpt = self.tokenizer, self.gpt
+        h = gpt.start_tokens(cond) if si == 0 else gpt.word_embed(x_in)  # (B, D*k_si, n)
+        logits, k, v = gpt.step(h, cond, past_k, past_v)  # (B, D*k_si, V)
+        idx = sample_tokens(logits, top_k, generator).view(cond.shape[0], tok.D, tok.scales[si])
+        f_hat, nxt = tok.next_input(si, f_hat, idx)
+        return idx, f_hat, nxt, k, v
+
+    @torch.no_grad()
+    def generate(
+        self,
+        batch: dict,
+        top_k: int = 0,
+        generator: torch.Generator | None = None,
+        tokens: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Observation batch -> (B, H, D) normalised actions: K cached scale steps, coarse to fine.
+
+        tokens: a list that receives the K token maps (B, D, k) (parity checks)."""
+        tok, gpt = self.tokenizer, self.gpt
+        cond = self.encoder(batch)  # (B, cond_dim)
+        B = cond.shape[0]
+        past_k, past_v = gpt.empty_cache(B, cond.device)
+        f_hat, x_in = cond.new_zeros(B, tok.D * tok.C, tok.L), None
+        for si in range(len(tok.scales)):  # static loop over K scales
+            idx, f_hat, x_in, past_k, past_v = self.scale_step(
+                si, cond, x_in, f_hat, past_k, past_v, top_k, generator
+            )
+            if tokens is not None:
+                tokens.append(idx)
+        return tok.decode_features(f_hat)
+
+
+class TorchRunner:
+    """A torch model with ``generate(batch) -> (B, H, D)`` as the runner of a ``ChunkPolicy``.
+
+    Inference touches no module state (eval mode, no grad), so calls from two threads need no lock;
+    ``lock`` serialises models that keep state in helpers (DP-C's diffusers scheduler)."""
+
+    def __init__(self, model: nn.Module, device: str | torch.device, lock: bool = False, **generate_kw: Any):
+        self.model, self.device = model, torch.device(device)
+        self.generate_kw = generate_kw
+        self.batch = 1  # a shift ensemble calls a torch policy once per copy (engines batch them)
+        self._lock = threading.Lock() if lock else None
+
+    def batch_tensors(self, obs: EncodedObservations) -> dict:
+        """Encoded observations -> the encoders' batch dict of tensors on the device."""
+        return {
+            "state": torch.from_numpy(obs.state).to(self.device),
+            "images": {c: torch.from_numpy(v).to(self.device) for c, v in obs.images.items()},
+        }
+
+    def run(self, obs: EncodedObservations, **kw: Any) -> np.ndarray:
+        batch = self.batch_tensors(obs)
+        with torch.no_grad():
+            if self._lock is None:
+                out = self.model.generate(batch, **self.generate_kw, **kw)
+            else:
+                with self._lock:
+                    out = self.model.generate(batch, **self.generate_kw, **kw)
+        return out.float().cpu().numpy()
+
+    def reset(self) -> None:
+        """Torch models keep no state between chunks (the observation history lives with the caller)."""
+
+
+class CarpPolicy(ChunkPolicy):
+    """CARP behind the stack's ``Policy`` protocol: Observation -> 16-step ActionChunk in physical units."""
+
+    def __init__(
+        self,
+        config: CarpConfig,
+        weights: dict[str, torch.Tensor] | None,
+        normalizer: Normalizer,
+        device: str = "cpu",
+        top_k: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = CarpModel(config)
+        if weights is not None:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"checkpoint does not match the config: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}"
+                )
+        self.model.to(self.device).eval()
+        self.top_k = top_k
+        super().__init__(config, normalizer, TorchRunner(self.model, self.device, top_k=top_k))
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "cpu", top_k: int = 0) -> CarpPolicy:
+        """Load a ``carp-train`` run directory (config.yaml, normalization.json, the EMA weights)."""
+        from safetensors.torch import load_file
+
+        run = Path(run_dir)
+        for name in ("config.yaml", "normalization.json", "tokenizer.safetensors", "policy.safetensors"):
+            if not (run / name).exists():
+                raise FileNotFoundError(f"{run / name} missing: is {run} a finished carp-train run?")
+        weights = load_file(str(run / "tokenizer.safetensors"))
+        weights.update(load_file(str(run / "policy.safetensors")))
+        return cls(
+            CarpConfig.load(run / "config.yaml"),
+            weights,
+            Normalizer.load(run / "normalization.json"),
+            device=device,
+            top_k=top_k,
+        )
+
+    def predict_with_tokens(self, observation: Any) -> tuple[Any, list[np.ndarray]]:
+        """The chunk and the K greedy token maps (1, D, k) (for parity checks)."""
+        enc = self.processor.encode([observation])
+        tokens: list[torch.Tensor] = []
+        actions = self.model.generate(self.runner.batch_tensors(enc), tokens=tokens).float().cpu().numpy()
+        from carp_policy.actions import ActionChunk
+
+        chunk = ActionChunk(self.processor.decode(actions[0], enc.state_now[0]), observation.timestamp)
+        return chunk, [t.cpu().numpy() for t in tokens]
+
+    def describe(self) -> str:
+        """One-line summary with parameter counts."""
+        c = self.model.parameter_counts()
+        return json.dumps({"name": self.config.name, **c, "policy_params": c["encoder"] + c["transformer"]})
+
+
+Model = CarpModel  # the names the registry looks up (policies/__init__.py)
+Policy = CarpPolicy
