@@ -8,12 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
-from carp_bringup.evaluate import EvalConfig, run_trial, wilson_interval
-from carp_policy.actions import ActionChunk, Observation
+from carp_bringup.evaluate import wilson_interval
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "OMP_NUM_THREADS": "1"}
@@ -24,60 +22,6 @@ def test_wilson_interval_matches_known_values():
     assert lo == pytest.approx(0.6990, abs=1e-3) and hi == pytest.approx(0.9721, abs=1e-3)
     assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(20, 20)[1] == 1.0
     assert wilson_interval(0, 0) == (0.0, 1.0)
-
-
-class _ClockCell:
-    """A cell with a clock only: records which targets arrive and when (no physics needed)."""
-
-    max_duration_s = 1.0
-
-    def __init__(self) -> None:
-        self.time, self.done, self.received = 0.0, False, []
-
-    def reset(self, seed: int) -> Observation:
-        self.time, self.received = 0.0, []
-        return Observation(state=np.zeros(10), timestamp=0.0)
-
-    def step(self, action: np.ndarray) -> Observation:
-        self.received.append((round(self.time, 3), float(action[0])))
-        self.time += 0.1
-        return Observation(state=np.zeros(10), timestamp=self.time)
-
-    def hold(self, seconds: float) -> None:
-        self.time += seconds
-
-    def outcome(self):
-        return type("Outcome", (), {"success": False, "reason": "timeout"})()
-
-
-class _SlowPolicy:
-    """Labels step i of each chunk with its planned time; 'thinks' for 0.25 s of sim time."""
-
-    obs_horizon, cameras = 1, ()
-
-    def __init__(self, cell: _ClockCell) -> None:
-        self.cell = cell
-
-    def reset(self) -> None:
-        pass
-
-    def predict(self, obs: Observation) -> ActionChunk:
-        acts = np.zeros((16, 10))
-        acts[:, 3] = acts[:, 7] = 1.0
-        acts[:, 0] = obs.timestamp + 0.1 * np.arange(1, 17)  # x = the time the step is meant for
-        self.cell.hold(0.25)  # inference time passes in the world (as carp-eval's hold() does)
-        return ActionChunk(acts, timestamp=obs.timestamp)
-
-
-def test_run_trial_drops_steps_whose_time_has_passed():
-    cell = _ClockCell()
-    cfg = EvalConfig(execute_steps=3, account_latency=False, videos=0)
-    r = run_trial(cell, _SlowPolicy(cell), seed=0, cfg=cfg)
-    assert r.plans >= 2 and r.steps == len(cell.received)
-    # every executed target is meant for a time after the moment it is sent (no stale steps)
-    assert all(meant > sent for sent, meant in cell.received)
-    # 0.25 s of thinking makes the first two steps (t+0.1, t+0.2) stale: the first sent is t+0.3
-    assert cell.received[0] == (0.25, pytest.approx(0.3))
 
 
 def test_carp_eval_expert_writes_results_and_summary(tmp_path: Path):
@@ -146,7 +90,10 @@ def test_collect_train_export_evaluate_end_to_end(demos: Path, tmp_path: Path, c
     _run("carp-eval", "--policy", str(model), "--trials", "1", "--videos", "0", "--out", str(out))
     summary = json.loads((out / "results.json").read_text())
     assert summary["trials"] == 1 and summary["latency_ms"]["count"] >= 1
-    assert summary["per_trial"][0]["steps"] > 0
+    trial = summary["per_trial"][0]
+    # every plan either ran or was refused by the driver's safety checks with a reason (a policy
+    # trained for 10 steps may well propose a first step far from the arm)
+    assert trial["plans"] > 0 and (trial["steps"] > 0 or sum(trial["refusals"].values()) >= trial["plans"])
     # the CARP config's shift ensemble travels in the manifest and runs in carp-eval (3 x 3 copies)
     want = {"grid": 3, "radius": 0.02} if family == "carp" else {"grid": 1, "radius": 0.0}
     assert manifest["config"]["ensemble"] == want and summary["ensemble"] == want

@@ -79,6 +79,7 @@ class TrialResult:
     plans: int
     latency_ms: list[float] = field(default_factory=list)
     refused: int = 0  # chunks the driver refused (the arm stopped; the loop re-planned)
+    refusals: dict[str, int] = field(default_factory=dict)  # the driver's refusals by reason
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -105,7 +106,9 @@ def run_trial(
     scheduling, latency compensation, interpolation and limits as on the robot."""
     obs = cell.reset(seed)
     policy.reset()
-    cell.driver.executor.execute_steps = cfg.execute_steps
+    driver = cell.driver
+    driver.executor.execute_steps = cfg.execute_steps
+    before = dict(driver.safety.refusals)
     history = ObservationHistory(policy.obs_horizon)
     stacked = history.push(obs)
     latencies: list[float] = []
@@ -147,6 +150,7 @@ def run_trial(
         plans=plans,
         latency_ms=latencies,
         refused=refused,
+        refusals={k: v - before.get(k, 0) for k, v in driver.safety.refusals.items() if v > before.get(k, 0)},
     )
 
 
