@@ -52,13 +52,10 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from carp_hardware.interfaces import Arm, ArmState, Gripper
-from carp_hardware.kinematics import IKError, ik_nearest, ik_nearest_path, pose_matrix
+from carp_hardware.kinematics import HOME_Q, IKError, ik_nearest, ik_nearest_path, pose_matrix
 from carp_hardware.safety import Refusal, SafetyLimits, SafetyMonitor, rotvec_between, rotvec_to_matrix
 from carp_policy.actions import ACTION_DIM, ActionChunk, matrix_to_rot6d, rot6d_to_matrix
 from carp_policy.yaml_config import load_yaml
-
-# UR5e home joints (elbow up, wrist down), the twin's HOME_Q.
-HOME_Q = (0.0, -1.75, 1.85, -1.67, -1.5708, 0.0)
 
 
 # ----------------------------------------------------------------------------- time
@@ -105,7 +102,7 @@ class DriverConfig:
     gripper_deadband: float = 0.001  # m: a new gripper command only when the target moved this much
     gripper_speed: float | None = None  # backend units (Robotiq: 0..1 of max); None = backend default
     gripper_force: float | None = None
-    home_q: tuple[float, ...] = HOME_Q
+    home_q: tuple[float, ...] = tuple(float(q) for q in HOME_Q)  # kinematics.HOME_Q
     home_speed: float = 0.5  # rad/s of the leading joint (moveJ)
     home_acceleration: float = 0.8  # rad/s^2
     check_controller_poses: bool = True  # ask Arm.check_pose for every chunk step at acceptance
