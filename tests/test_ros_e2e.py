@@ -80,42 +80,51 @@ def test_cup_task_through_ros_topics_and_the_watchdog_when_the_policy_dies(tmp_p
     node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
     ex = SingleThreadedExecutor(context=ctx)
     ex.add_node(node)
-    outs = {}
+    outs: dict[str, str] = {}
     try:
-        # 1. the loop closes: chunks accepted and the TCP comes within 3 cm (xy) of the cup
-        deadline, start, closest = time.monotonic() + 150.0, None, np.inf
-        while time.monotonic() < deadline and driver.poll() is None and policy.poll() is None:
-            ex.spin_once(timeout_sec=0.05)
-            if tcp and env_state:
-                d = float(np.linalg.norm(tcp[-1][1][:2] - env_state[-1][:2]))
-                start = d if start is None else start
-                closest = min(closest, d)
-                if closest < 0.03 and diag.get("chunks_accepted", 0) >= 3:
-                    break
-        assert driver.poll() is None and policy.poll() is None, "a node died"
-        assert diag.get("chunks_accepted", 0) >= 3, diag
-        assert closest < 0.03, f"the TCP came no closer than {closest * 1e3:.0f} mm to the cup (from {start})"
-        # 2. the policy node dies: no more chunks, the driver's watchdog stops the arm
-        stops_before = diag.get("stops", {}).get("watchdog", 0)
-        policy.kill()
-        outs["policy"] = _stop(policy)
-        t_kill, stopped = time.monotonic(), False
-        while time.monotonic() < t_kill + 10.0:
-            ex.spin_once(timeout_sec=0.05)
-            if diag.get("state") == "stopped" and diag.get("stops", {}).get("watchdog", 0) > stops_before:
-                stopped = True
-                break
-        assert stopped, f"the driver did not stop on its watchdog: {diag}"
-        n = len(tcp)
-        t_end = time.monotonic() + 1.5
-        while time.monotonic() < t_end:
-            ex.spin_once(timeout_sec=0.05)
-        moved = np.linalg.norm(tcp[-1][1] - tcp[n - 1][1])
-        assert moved < 2e-3, f"the arm moved {moved * 1e3:.1f} mm after the watchdog stop"
+        _closed_loop_then_watchdog(ex, driver, policy, tcp, env_state, diag, outs)
+    except AssertionError as e:  # say what the nodes said
+        nodes = (("driver", driver), ("policy", policy))
+        logs = {name: _stop(p)[-3000:] for name, p in nodes if p.poll() is None}
+        raise AssertionError(f"{e}\n" + "\n".join(f"--- {k}:\n{v}" for k, v in logs.items())) from None
     finally:
-        outs["driver"] = _stop(driver)
+        outs["driver"] = outs.get("driver") or _stop(driver)
         if policy.poll() is None:
             outs["policy"] = _stop(policy)
         node.destroy_node()
         rclpy.shutdown(context=ctx)
     assert driver.returncode == 0, outs["driver"]
+
+
+def _closed_loop_then_watchdog(ex, driver, policy, tcp, env_state, diag, outs) -> None:
+    """1. the loop closes; 2. a killed policy node leaves the arm stopped by the watchdog."""
+    # 1. the loop closes: chunks accepted and the TCP comes within 3 cm (xy) of the cup
+    deadline, start, closest = time.monotonic() + 90.0, None, np.inf
+    while time.monotonic() < deadline and driver.poll() is None and policy.poll() is None:
+        ex.spin_once(timeout_sec=0.05)
+        if tcp and env_state:
+            d = float(np.linalg.norm(tcp[-1][1][:2] - env_state[-1][:2]))
+            start = d if start is None else start
+            closest = min(closest, d)
+            if closest < 0.03 and diag.get("chunks_accepted", 0) >= 3:
+                break
+    assert driver.poll() is None and policy.poll() is None, "a node died"
+    assert diag.get("chunks_accepted", 0) >= 3, diag
+    assert closest < 0.03, f"the TCP came no closer than {closest * 1e3:.0f} mm to the cup (from {start})"
+    # 2. the policy node dies: no more chunks, the driver's watchdog stops the arm
+    stops_before = diag.get("stops", {}).get("watchdog", 0)
+    policy.kill()
+    outs["policy"] = _stop(policy)
+    t_kill, stopped = time.monotonic(), False
+    while time.monotonic() < t_kill + 10.0:
+        ex.spin_once(timeout_sec=0.05)
+        if diag.get("state") == "stopped" and diag.get("stops", {}).get("watchdog", 0) > stops_before:
+            stopped = True
+            break
+    assert stopped, f"the driver did not stop on its watchdog: {diag}"
+    n = len(tcp)
+    t_end = time.monotonic() + 1.5
+    while time.monotonic() < t_end:
+        ex.spin_once(timeout_sec=0.05)
+    moved = np.linalg.norm(tcp[-1][1] - tcp[n - 1][1])
+    assert moved < 2e-3, f"the arm moved {moved * 1e3:.1f} mm after the watchdog stop"
