@@ -111,7 +111,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="carp-launch", description=__doc__.split("\n")[0])
-    ap.add_argument("name", help="node set: cup_task, bowl_task, teleop_record (config/<name>.yaml)")
+    ap.add_argument("name", help="node set: cup_task, bowl_task (config/<name>.yaml), or a YAML path")
     ap.add_argument("arguments", nargs="*", help="launch arguments as name:=value")
     ap.add_argument("--sim", action="store_true", help="same as use_sim:=true")
     ap.add_argument("--duration", type=float, default=None, help="stop after this many seconds")

@@ -12,7 +12,7 @@ import pytest
 from carp_bringup import nodeset
 from carp_bringup.launcher import node_command
 
-SHIPPED = ("cup_task", "bowl_task", "teleop_record")
+SHIPPED = ("cup_task", "bowl_task")
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -15,15 +15,13 @@ from __future__ import annotations
 import sys
 import time
 
-import rclpy
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import CameraInfo as CameraInfoMsg
 from sensor_msgs.msg import Image
 
-from carp_policy.messages import image_to_msg, time_to_msg
+from carp_policy.messages import image_to_msg, spin_node, time_to_msg
 
 
 class CameraPublisher:
@@ -100,23 +98,7 @@ class CameraNode(Node):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the node until Ctrl-C; a camera that cannot start is one line on stderr, exit 2."""
-    rclpy.init(args=argv)
-    node = None
-    try:
-        node = CameraNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"camera_node: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
-
+    return spin_node(CameraNode, "camera_node", threads=1, argv=argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,12 +26,10 @@ import threading
 import time
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
@@ -39,7 +37,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import MultiDOFJointTrajectory
 
 from carp_hardware.kinematics import JOINT_NAMES
-from carp_policy.messages import chunk_from_msg, pose_to_msg, time_to_msg
+from carp_policy.messages import chunk_from_msg, pose_to_msg, spin_node, time_to_msg
 
 
 class DriverNode(Node):
@@ -279,26 +277,8 @@ class _WallClock:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the node until Ctrl-C; a bad backend, limit file or connection is one line, exit 2."""
-    rclpy.init(args=argv)
-    node = None
-    try:
-        node = DriverNode()
-        ex = MultiThreadedExecutor(num_threads=3)
-        ex.add_node(node)
-        ex.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as e:
-        print(f"ur5e_driver_node: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
-
+    """Run the node until Ctrl-C; a bad backend, limit file or connection is one line on stderr, exit 2."""
+    return spin_node(DriverNode, "ur5e_driver_node", threads=3, argv=argv)
 
 if __name__ == "__main__":
     sys.exit(main())

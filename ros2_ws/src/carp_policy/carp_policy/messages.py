@@ -188,3 +188,35 @@ __all__ = [
     "time_ns_from_msg",
     "time_to_msg",
 ]
+
+
+# ----------------------------------------------------------------------------- running a node
+def spin_node(make_node, prog: str, threads: int = 1, argv: list[str] | None = None) -> int:
+    """Run one node until Ctrl-C (or the launch's shutdown) with ``threads`` executor threads.
+
+    What a node's constructor refuses (a bad model, parameter, device or connection: ValueError,
+    FileNotFoundError, RuntimeError, ConnectionError) is one line ``prog: error: ...`` on stderr and
+    exit code 2, as for every ``carp-*`` command; the node is always destroyed and rclpy shut down."""
+    import sys
+
+    import rclpy
+    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+
+    rclpy.init(args=argv)
+    node = None
+    try:
+        node = make_node()
+        ex = MultiThreadedExecutor(num_threads=threads) if threads > 1 else SingleThreadedExecutor()
+        ex.add_node(node)
+        ex.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if node is not None:
+            node.destroy_node()
+        if rclpy.ok():
+            rclpy.shutdown()
+    return 0

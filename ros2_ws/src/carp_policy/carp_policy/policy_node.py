@@ -21,13 +21,11 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Path
 from rcl_interfaces.msg import ParameterDescriptor
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
@@ -36,7 +34,14 @@ from trajectory_msgs.msg import MultiDOFJointTrajectory
 from carp_policy import load_policy
 from carp_policy.actions import AlignerConfig, matrix_to_rot6d
 from carp_policy.cli import resolve_device
-from carp_policy.messages import chunk_to_msg, image_from_msg, pose_from_msg, time_from_msg, time_to_msg
+from carp_policy.messages import (
+    chunk_to_msg,
+    image_from_msg,
+    pose_from_msg,
+    spin_node,
+    time_from_msg,
+    time_to_msg,
+)
 from carp_policy.runner import PolicyRunner
 
 
@@ -65,13 +70,17 @@ class PolicyNode(Node):
         # one mutually exclusive group per input: a topic's messages are handled in order (capture
         # times never go backwards), different topics in parallel, decisions beside them
         inputs = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(PoseStamped, "/ur5e/tcp_pose", self._on_pose, 50, callback_group=inputs)
+        # state topics come at the driver's rate (100-500 Hz): keep only the newest few, so a node
+        # that falls behind drops old samples instead of working through a backlog (its buffers
+        # keep the history the aligner needs)
+        latest = 5
+        self.create_subscription(PoseStamped, "/ur5e/tcp_pose", self._on_pose, latest, callback_group=inputs)
         inputs = MutuallyExclusiveCallbackGroup()
         self.create_subscription(
-            JointState, "/gripper/joint_states", self._on_gripper, 50, callback_group=inputs
+            JointState, "/gripper/joint_states", self._on_gripper, latest, callback_group=inputs
         )
         inputs = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(JointState, "/sim/env_state", self._on_env, 10, callback_group=inputs)
+        self.create_subscription(JointState, "/sim/env_state", self._on_env, latest, callback_group=inputs)
         for cam in policy.cameras:
             self.create_subscription(
                 Image,
@@ -152,25 +161,7 @@ class PolicyNode(Node):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the node until Ctrl-C; a bad model or parameter is one line on stderr, exit 2."""
-    rclpy.init(args=argv)
-    node = None
-    try:
-        node = PolicyNode()
-        ex = MultiThreadedExecutor(num_threads=4)
-        ex.add_node(node)
-        ex.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ValueError, FileNotFoundError) as e:  # a bad model or parameter: one clear line
-        print(f"policy_node: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if node is not None:
-            node.destroy_node()
-        if rclpy.ok():
-            rclpy.shutdown()
-    return 0
-
+    return spin_node(PolicyNode, "policy_node", threads=4, argv=argv)
 
 if __name__ == "__main__":
     sys.exit(main())
