@@ -41,7 +41,7 @@ def main() -> int:
     ap.add_argument("--task", default="cup")
     ap.add_argument("--model", default=None, help="default: the released model of the task")
     ap.add_argument("--trials", type=int, default=20)
-    ap.add_argument("--seed", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=10000, help="trial i uses seed + i (as carp-eval)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/ros"))
     ap.add_argument("--startup-s", type=float, default=120.0)
     ap.add_argument("--camera-fps", type=float, default=0.0, help="twin camera fps (0: none)")
@@ -59,7 +59,7 @@ def main() -> int:
 
     max_s = TaskConfig.load(args.task).max_duration_s
     cmd = [sys.executable, "-m", "carp_bringup.launcher", f"{args.task}_task", "use_sim:=true",
-           f"seed:={args.seed}", f"model:={args.model or args.task}", "device:=cpu",
+           f"seed:={args.seed - 1}", f"model:={args.model or args.task}", "device:=cpu",
            f"sim_camera_fps:={args.camera_fps}"]  # fmt: skip
     log_path = args.out / f"ros_{args.task}.log"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +92,15 @@ def main() -> int:
             rclpy.spin_once(node, timeout_sec=0.1)
         if not episode:
             raise RuntimeError(f"no /sim/episode within {args.startup_s:.0f} s; see {log_path}")
+        # the first episode started with the driver, while the policy node was still loading: wait
+        # for the policy's first decision, then start the first counted episode afresh
+        while not inference and time.monotonic() < deadline and launch.poll() is None:
+            rclpy.spin_once(node, timeout_sec=0.1)
+        fut = reset.call_async(Trigger.Request())
+        rclpy.spin_until_future_complete(node, fut, timeout_sec=30)
+        episode.clear()
+        while not episode and time.monotonic() < deadline:
+            rclpy.spin_once(node, timeout_sec=0.1)
         seed = episode["seed"]
         while len(results) < args.trials:
             if launch.poll() is not None:

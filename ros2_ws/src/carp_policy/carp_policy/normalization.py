@@ -13,7 +13,7 @@ decision time, and the environment state's positions (``object_x``, ``target_y``
 from the TCP position of the same step. A relative chunk is a function of where things are *from
 the gripper*, which every frame of every demonstration samples densely, whereas an absolute one has
 to be read off one demonstrated layout per episode. Rotations and the gripper stay absolute.
-Measured in the twin (README, "Results in the twin"), the relative frame halved the open-loop error
+Measured in the twin (docs/results.md), the relative frame halved the open-loop error
 but failed in closed loop: offsets anchor the arm to nothing once the state leaves the
 demonstrated ones. The shipped configs stay absolute and use translation augmentation instead.
 """

@@ -34,7 +34,7 @@ from carp_policy.dataset.format import psnr, seconds_to_ns, tasks_table
 
 H, W = 48, 64
 CAMS = {"wrist": (H, W), "scene": (H, W)}
-# Documented codec loss (README): H.264 yuv444p CRF 15 on rendered 48x64 frames. Measured mean
+# Documented codec loss (docs/design.md): H.264 yuv444p CRF 15 on rendered 48x64 frames. Measured mean
 # PSNR is ~33 dB (wrist, textured close-up) and ~42 dB (scene); tiny frames are the hard case.
 MIN_MEAN_PSNR_DB = 30.0
 

@@ -11,7 +11,7 @@ ranges of ``WIDE_VARIETY`` updated by the task YAML's ``expert:`` section.
 The shipped tasks narrow every range to one value (a consistent expert). Why: CARP predicts the D
 per-dimension tokens of a scale in parallel, so when the demonstrations of one state disagree (a high
 or a low approach, fast or slow), x, y and z can each pick a different mode. With the wide ranges the
-policy started its descent before it was above the cup and tipped it (README, "Results in the twin").
+policy started its descent before it was above the cup and tipped it (docs/results.md).
 They also keep pauses short and the gripper fast: while the arm waits and the fingers are blocked by
 the object the observed state stands still, and a wait longer than the steps a policy executes per
 chunk stalled it there. ``carp-sim collect --expert-variety wide`` records the varied demonstrations.
