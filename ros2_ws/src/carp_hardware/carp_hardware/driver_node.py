@@ -124,10 +124,12 @@ class DriverNode(Node):
                     self.cell.update_status()  # success / failure at the control rate
             next_t += dt
             wait = next_t - time.perf_counter()
-            if wait > 0:
-                time.sleep(wait)
-            elif wait < -0.1:  # fell far behind (a loaded CPU): continue from now, do not burst
+            if wait < -0.1:  # fell far behind (a loaded CPU): continue from now, do not burst
                 next_t = time.perf_counter()
+            # always let go of the world for a moment: a loop that runs behind its period would
+            # otherwise re-take the lock at once and starve the state publisher (seen on a loaded CPU:
+            # the policy node saw no state for minutes)
+            time.sleep(max(wait, 0.0005))
 
     # ------------------------------------------------------------------ topics and services
     def _setup_topics(self, state_hz: float) -> None:
