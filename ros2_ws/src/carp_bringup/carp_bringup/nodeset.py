@@ -173,7 +173,10 @@ def launch_description(name: str):
     actions: list = [DeclareLaunchArgument(a.name, default_value=a.default, description=a.description)
                      for a in ns.arguments]  # fmt: skip
 
-    def subst(value: Any) -> list:
+    def subst(value: Any) -> Any:
+        # a plain value stays a plain value: launch_ros reads a list of strings as a list parameter
+        if not _REF.search(str(value)):
+            return value
         parts, pos, s = [], 0, str(value)
         for m in _REF.finditer(s):
             parts += [s[pos : m.start()], LaunchConfiguration(m.group(1))]
