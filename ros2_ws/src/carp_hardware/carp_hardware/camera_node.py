@@ -98,7 +98,7 @@ class CameraNode(Node):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the node until Ctrl-C; a camera that cannot start is one line on stderr, exit 2."""
-    return spin_node(CameraNode, "camera_node", threads=1, argv=argv)
+    return spin_node(CameraNode, "camera_node", argv=argv)
 
 if __name__ == "__main__":
     sys.exit(main())

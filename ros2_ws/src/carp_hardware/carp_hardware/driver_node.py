@@ -14,7 +14,8 @@ scene live in the same MuJoCo world, also publishes ``/cameras/{wrist,scene}/ima
 ``/sim/reset`` service that starts the next episode. The driver core, its limits and its watchdog
 are the same code for both.
 
-The servo loop runs in its own thread at ``servo_hz``; ROS callbacks only hand it commands. Every
+The servo loop runs in its own thread at ``servo_hz`` and the state is published from another at
+``state_hz``; the executor's one thread takes commands, services and diagnostics. Every
 stamp is on the host's wall clock (the ROS clock): the policy's chunks are scheduled against it.
 """
 
@@ -29,7 +30,6 @@ import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import TwistStamped
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.node import Node
 from sensor_msgs.msg import JointState
 from std_msgs.msg import String
@@ -37,7 +37,7 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import MultiDOFJointTrajectory
 
 from carp_hardware.kinematics import JOINT_NAMES
-from carp_policy.messages import chunk_from_msg, pose_to_msg, spin_node, time_to_msg
+from carp_policy.messages import Periodic, chunk_from_msg, pose_to_msg, spin_node, time_to_msg
 
 
 class DriverNode(Node):
@@ -103,6 +103,7 @@ class DriverNode(Node):
         self._running = True
         self._servo_thread = threading.Thread(target=self._servo_loop, name="servo", daemon=True)
         self._servo_thread.start()
+        self._state_loop.start()
         self.get_logger().info(
             f"driver: backend {backend}, servo {cfg.servo_hz:.0f} Hz, execute {cfg.execute_steps} steps, "
             f"state {self.driver.state.value}"
@@ -133,24 +134,21 @@ class DriverNode(Node):
 
     # ------------------------------------------------------------------ topics and services
     def _setup_topics(self, state_hz: float) -> None:
-        cbg = ReentrantCallbackGroup()
         self.pub_joints = self.create_publisher(JointState, "/ur5e/joint_states", 10)
         from geometry_msgs.msg import PoseStamped
 
         self.pub_tcp = self.create_publisher(PoseStamped, "/ur5e/tcp_pose", 10)
         self.pub_grip = self.create_publisher(JointState, "/gripper/joint_states", 10)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
-        self.create_subscription(MultiDOFJointTrajectory, "/policy/action_chunk", self._on_chunk, 10,
-                                 callback_group=cbg)  # fmt: skip
-        self.create_subscription(TwistStamped, "/ur5e/twist_cmd", self._on_twist, 10, callback_group=cbg)
+        self.create_subscription(MultiDOFJointTrajectory, "/policy/action_chunk", self._on_chunk, 10)
+        self.create_subscription(TwistStamped, "/ur5e/twist_cmd", self._on_twist, 10)
         for name, fn in (("enable", self._srv_enable), ("stop", self._srv_stop), ("home", self._srv_home),
                          ("acknowledge", self._srv_ack)):  # fmt: skip
-            self.create_service(Trigger, f"/ur5e/{name}", fn, callback_group=cbg)
-        # state in its own exclusive group: published in capture order (the policy's buffers refuse
-        # time going backwards); commands and services beside it, reentrant
-        ordered = MutuallyExclusiveCallbackGroup()
-        self.create_timer(1.0 / state_hz, self._publish_state, callback_group=ordered)
-        self.create_timer(1.0, self._publish_diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+            self.create_service(Trigger, f"/ur5e/{name}", fn)
+        self.create_timer(1.0, self._publish_diagnostics)
+        # the state from one thread of its own: in capture order (the policy's buffers refuse time
+        # going backwards) and at its rate while a service (home: seconds) holds the executor
+        self._state_loop = Periodic(1.0 / state_hz, self._publish_state, "state", self._state_error)
 
     def _setup_twin(self, camera_fps: float) -> None:
         from carp_hardware.camera_node import CameraPublisher
@@ -166,7 +164,7 @@ class DriverNode(Node):
         self.pub_env = self.create_publisher(JointState, "/sim/env_state", 10)
         self.pub_episode = self.create_publisher(String, "/sim/episode", 10)
         self.create_service(Trigger, "/sim/reset", self._srv_reset)
-        self.create_timer(0.1, self._publish_episode, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(0.1, self._publish_episode)
 
     def _on_chunk(self, msg) -> None:
         try:
@@ -234,6 +232,10 @@ class DriverNode(Node):
         gs.header.stamp = stamp
         self.pub_grip.publish(gs)
 
+    def _state_error(self, e: Exception) -> None:
+        if self.context.ok():  # after shutdown a publish fails by design: not worth a line
+            self.get_logger().error(f"state not published: {e}", throttle_duration_sec=1.0)
+
     def _publish_episode(self) -> None:
         with self.lock:
             out = self.cell.outcome()
@@ -255,6 +257,7 @@ class DriverNode(Node):
 
     def destroy_node(self) -> None:
         self._running = False
+        self._state_loop.stop()
         if self._servo_thread.is_alive():
             self._servo_thread.join(timeout=2.0)
         try:
@@ -280,7 +283,7 @@ class _WallClock:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the node until Ctrl-C; a bad backend, limit file or connection is one line on stderr, exit 2."""
-    return spin_node(DriverNode, "ur5e_driver_node", threads=3, argv=argv)
+    return spin_node(DriverNode, "ur5e_driver_node", argv=argv)
 
 if __name__ == "__main__":
     sys.exit(main())

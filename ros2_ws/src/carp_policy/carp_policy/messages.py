@@ -191,29 +191,87 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- running a node
-def spin_node(make_node, prog: str, threads: int = 1, argv: list[str] | None = None) -> int:
-    """Run one node until Ctrl-C (or the launch's shutdown) with ``threads`` executor threads.
+class Periodic:
+    """Calls ``fn()`` every ``period`` s in a thread of its own until ``stop()``.
 
-    What a node's constructor refuses (a bad model, parameter, device or connection: ValueError,
-    FileNotFoundError, RuntimeError, ConnectionError) is one line ``prog: error: ...`` on stderr and
-    exit code 2, as for every ``carp-*`` command; the node is always destroyed and rclpy shut down."""
+    The nodes' periodic work (the driver's state at 100 Hz, the policy's decisions) runs here and
+    not in rclpy timers on a MultiThreadedExecutor: rclpy 7.1's MultiThreadedExecutor re-yields a
+    task that its thread pool has queued but not started, so while every pool thread is busy (a
+    decision computing, a callback waiting for the twin's lock) its spin loop never waits: it holds
+    a core and the GIL and the node's own callbacks starve (measured: state 178 s old at the policy
+    node in a loaded run). A loop that falls a whole period behind continues from now, without a
+    burst. An exception is passed to ``on_error`` and the loop goes on; none ends the thread but
+    ``stop()``.
+    """
+
+    def __init__(self, period: float, fn, name: str, on_error=None) -> None:
+        import threading
+
+        if not period > 0:
+            raise ValueError(f"{name}: period must be > 0 s, got {period}")
+        self.period, self.fn, self.on_error = float(period), fn, on_error
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> Periodic:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import time
+
+        next_t = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                self.fn()
+            except Exception as e:  # reported, and the loop keeps its rate
+                if self.on_error is not None:
+                    self.on_error(e)
+            next_t += self.period
+            wait = next_t - time.monotonic()
+            if wait < -self.period:
+                next_t, wait = time.monotonic(), 0.0
+            self._stop.wait(max(wait, 0.0))
+
+
+def spin_node(make_node, prog: str, argv: list[str] | None = None) -> int:
+    """Run one node until Ctrl-C (or the launch's shutdown) on a single-threaded executor.
+
+    Subscriptions, services and short timers share the executor's one thread; long or periodic work
+    runs in a ``Periodic`` (see there why not a MultiThreadedExecutor). What a node's constructor
+    refuses (a bad model, parameter, device or connection: ValueError, FileNotFoundError,
+    RuntimeError, ConnectionError) is one line ``prog: error: ...`` on stderr and exit code 2, as for
+    every ``carp-*`` command; the node is always destroyed and rclpy shut down."""
     import sys
 
     import rclpy
-    from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor, SingleThreadedExecutor
+    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 
     rclpy.init(args=argv)
     node = None
     try:
-        node = make_node()
-        ex = MultiThreadedExecutor(num_threads=threads) if threads > 1 else SingleThreadedExecutor()
+        try:
+            node = make_node()
+        except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
+        ex = SingleThreadedExecutor()
         ex.add_node(node)
-        ex.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (ValueError, FileNotFoundError, RuntimeError, ConnectionError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
+        try:
+            ex.spin()
+        except (KeyboardInterrupt, ExternalShutdownException):
+            pass
+        except RuntimeError as e:
+            # Ctrl-C or the launch's shutdown can invalidate the context while the executor builds
+            # its next wait set ("the given context is not valid"): that is a clean stop too
+            if rclpy.ok():
+                print(f"{prog}: error: {e}", file=sys.stderr)
+                return 2
     finally:
         if node is not None:
             node.destroy_node()

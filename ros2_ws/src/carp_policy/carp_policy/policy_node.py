@@ -12,8 +12,8 @@ Parameters: ``model`` (an exported model directory or a released model name), ``
 (auto | cpu | cuda), ``execute_steps`` (a decision every execute_steps * dt; 0: the model's own
 setting), ``max_age`` / ``max_skew`` (s, the aligner's refusal limits). The control period, the
 observation layout and the cameras come from the model's contract (its manifest).
-Decisions run in their own callback group, so the subscriptions keep filling the buffers while
-the model computes.
+Decisions run in a thread of their own (``messages.Periodic``), so the executor keeps filling the
+buffers from the subscriptions while the model computes.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped
 from nav_msgs.msg import Path
 from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
@@ -35,6 +34,7 @@ from carp_policy import load_policy
 from carp_policy.actions import AlignerConfig, matrix_to_rot6d
 from carp_policy.cli import resolve_device
 from carp_policy.messages import (
+    Periodic,
     chunk_to_msg,
     image_from_msg,
     pose_from_msg,
@@ -67,34 +67,22 @@ class PolicyNode(Node):
             clock=lambda: self.get_clock().now().nanoseconds * 1e-9,
         )
         dt = self.runner.config.dt  # the model's control period (its contract)
-        # one mutually exclusive group per input: a topic's messages are handled in order (capture
-        # times never go backwards), different topics in parallel, decisions beside them
-        inputs = MutuallyExclusiveCallbackGroup()
         # state topics come at the driver's rate (100-500 Hz): keep only the newest few, so a node
         # that falls behind drops old samples instead of working through a backlog (its buffers
         # keep the history the aligner needs)
         latest = 5
-        self.create_subscription(PoseStamped, "/ur5e/tcp_pose", self._on_pose, latest, callback_group=inputs)
-        inputs = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(
-            JointState, "/gripper/joint_states", self._on_gripper, latest, callback_group=inputs
-        )
-        inputs = MutuallyExclusiveCallbackGroup()
-        self.create_subscription(JointState, "/sim/env_state", self._on_env, latest, callback_group=inputs)
+        self.create_subscription(PoseStamped, "/ur5e/tcp_pose", self._on_pose, latest)
+        self.create_subscription(JointState, "/gripper/joint_states", self._on_gripper, latest)
+        self.create_subscription(JointState, "/sim/env_state", self._on_env, latest)
         for cam in policy.cameras:
-            self.create_subscription(
-                Image,
-                f"/cameras/{cam}/image_raw",
-                lambda m, cam=cam: self._on_image(cam, m),
-                qos_profile_sensor_data,
-                callback_group=MutuallyExclusiveCallbackGroup(),
-            )
+            on_frame = lambda m, c=cam: self._on_image(c, m)  # noqa: E731
+            self.create_subscription(Image, f"/cameras/{cam}/image_raw", on_frame, qos_profile_sensor_data)
         self.pub_chunk = self.create_publisher(MultiDOFJointTrajectory, "/policy/action_chunk", 10)
         self.pub_path = self.create_publisher(Path, "/policy/path", 10)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         period = dt * (int(get("execute_steps")) or int(policy.contract["execute_steps"]))
-        self.create_timer(period, self._decide, callback_group=MutuallyExclusiveCallbackGroup())
-        self.create_timer(1.0, self._diagnostics, callback_group=MutuallyExclusiveCallbackGroup())
+        self.create_timer(1.0, self._diagnostics)
+        self._decisions = Periodic(period, self._decide, "decide", self._decide_error).start()
         self.get_logger().info(
             f"policy {get('model')} (cameras {list(policy.cameras) or 'none'}, obs horizon "
             f"{policy.obs_horizon}), a decision every {period:.2f} s"
@@ -147,6 +135,14 @@ class PolicyNode(Node):
             path.poses.append(ps)
         self.pub_path.publish(path)
 
+    def _decide_error(self, e: Exception) -> None:
+        if self.context.ok():  # after shutdown a publish fails by design: not worth a line
+            self.get_logger().error(f"decision failed: {type(e).__name__}: {e}", throttle_duration_sec=1.0)
+
+    def destroy_node(self) -> None:
+        self._decisions.stop()
+        super().destroy_node()
+
     def _diagnostics(self) -> None:
         s = self.runner.stats.summary()
         st = DiagnosticStatus(name="policy_node", hardware_id="policy")
@@ -161,7 +157,7 @@ class PolicyNode(Node):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the node until Ctrl-C; a bad model or parameter is one line on stderr, exit 2."""
-    return spin_node(PolicyNode, "policy_node", threads=4, argv=argv)
+    return spin_node(PolicyNode, "policy_node", argv=argv)
 
 if __name__ == "__main__":
     sys.exit(main())
