@@ -54,6 +54,7 @@ class FakeUR:
         self.safety_box = (np.array([-1.0, -1.0, -0.05]), np.array([1.0, 1.0, 1.2]))
         self.printed: list[str] = []
         self.fail_next: set[str] = set()  # method names whose next call returns False
+        self.serial = "20235500000"  # what the dashboard's getSerialNumber() answers
 
     @classmethod
     def create(cls, host: str = "fake-ur5e", q=(0.0, -1.75, 1.85, -1.67, -1.5708, 0.0), **kw) -> FakeUR:
@@ -340,6 +341,9 @@ class FakeDashboardClient:
 
     def safetymode(self) -> str:
         return "PROTECTIVE_STOP" if self.ur.protective else "NORMAL"
+
+    def getSerialNumber(self) -> str:
+        return self.ur.serial
 
     def disconnect(self) -> None:
         self._connected = False

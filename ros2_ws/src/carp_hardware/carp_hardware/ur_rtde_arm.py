@@ -156,6 +156,11 @@ class RtdeArm:
                 f"set the TCP in PolyScope (Installation > General > TCP) to z = {TCP_OFFSET * 1e3:.0f} mm"
             )
 
+    def serial(self) -> str:
+        """The controller's serial number (dashboard ``getSerialNumber()``; "" without a dashboard),
+        recorded with every demonstration."""
+        return str(self.d.getSerialNumber()).strip() if self.d is not None else ""
+
     def close(self) -> None:
         if self.c is None:
             return

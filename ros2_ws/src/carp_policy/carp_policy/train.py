@@ -64,7 +64,7 @@ def open_dataset(
         from carp_policy.dataset.format import ENV_STATE_KEY
 
         keymap = KeyMap(env_state_key=ENV_STATE_KEY) if enc.env_state_dim else None
-        ds = EpisodeDataset(spec, keymap=keymap)
+        ds = EpisodeDataset(spec, keymap=keymap, image_size=tuple(enc.image_size) if cams else None)
         windows = WindowDataset
         missing = [c for c in cams if c not in ds.cameras]
         if missing:

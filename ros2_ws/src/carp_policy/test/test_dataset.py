@@ -136,6 +136,19 @@ def test_round_trip_within_codec_loss(recorded: tuple[Path, list[dict]]) -> None
     assert ds.episode(0).images is ds.episode(0).images  # decoded once, cached
 
 
+def test_frames_of_another_size_are_fitted_by_the_one_conversion(recorded: tuple[Path, list[dict]]) -> None:
+    """A model reading (60, 80) from frames stored at (120, 160): the reader fits them on decode with
+    ``images.fit_image``, the function the recorder and the policy node apply to camera frames."""
+    from carp_policy.images import fit_image
+
+    root, _ = recorded
+    native = EpisodeDataset(root).episode(0).images
+    fitted = EpisodeDataset(root, image_size=(60, 80)).episode(0).images
+    for cam in CAMS:
+        assert fitted[cam].shape[1:] == (60, 80, 3)
+        np.testing.assert_array_equal(fitted[cam], np.stack([fit_image(f, (60, 80)) for f in native[cam]]))
+
+
 def test_layout_is_lerobot_v3(recorded: tuple[Path, list[dict]]) -> None:
     root, eps = recorded
     info = json.loads((root / "meta/info.json").read_text())

@@ -22,13 +22,11 @@ class DriverArm:
 
     name = "ur5e"
 
-    def __init__(
-        self, driver, serial: str = "", state_hz: float = 125.0, clock=time.monotonic, lead_s: float = 0.1
-    ) -> None:
-        """lead_s: a target sent at tick time t is reached at t + lead_s (one control period, as
-        the twin's step does)."""
+    def __init__(self, driver, serial: str = "", state_hz: float = 125.0, clock=time.monotonic) -> None:
+        """A target is reached ``driver.config.pose_lead_s`` after it is sent (one control period,
+        as the twin's step does)."""
         self.driver, self.serial = driver, serial
-        self.state_hz, self.clock, self.lead_s = state_hz, clock, lead_s
+        self.state_hz, self.clock = state_hz, clock
         self.tcp_buffer = StreamBuffer("tcp_pose", 256)
         self.gripper_buffer = StreamBuffer("gripper", 256)
         self._stop = threading.Event()
@@ -70,14 +68,9 @@ class DriverArm:
         return float(self.driver.gripper.state().opening) if self.driver.gripper is not None else 0.0
 
     def command(self, pose: np.ndarray, gripper: float, t: float) -> str | None:
-        now = self.driver.clock.now()
-        r = self.driver.command_pose(pose, gripper, t=now + self.lead_s)
+        # timed by the driver under its lock (now + pose_lead_s): a time read here, before waiting
+        # for a servo tick to finish, could be almost "now" by then and the step would be refused
+        # as too fast (seen: 9.7 mm in 0.15 ms)
+        r = self.driver.command_pose(pose, gripper)
         return None if r.accepted else str(r.refusal)
 
-
-def open_cell_arm() -> str:
-    """Why the cell cannot be opened here (a sentence for the user)."""
-    return (
-        "recording on the robot needs the Robotiq gripper backend, which this installation lacks "
-        "(carp_hardware has the UR5e driver, DriverArm adapts it); record in the twin with --sim"
-    )

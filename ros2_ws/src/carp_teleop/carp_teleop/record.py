@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", type=Path, help="recorder YAML (RecorderConfig fields)")
     ap.add_argument("--cameras", type=Path, help="cameras YAML (the cell; see carp_hardware.cameras)")
     ap.add_argument("--calibration", type=Path, help="calibration YAML whose id is recorded (calibration/)")
+    ap.add_argument("--robot-ip", default="192.168.1.102", help="the UR controller (the cell; docs/robot.md)")
+    ap.add_argument("--gripper-port", type=int, default=63352, help="the Robotiq URCap's socket port")
+    ap.add_argument("--limits", type=Path, help="safety limits YAML (default: the shipped ur5e_limits.yaml)")
     ap.add_argument("--episodes", type=int, help="stop after saving this many episodes")
     ap.add_argument("--duration", type=float, help="stop after this many seconds")
     ap.add_argument("--seed", type=int, default=0, help="--sim: the first layout seed (one per episode)")
@@ -197,11 +200,27 @@ def record_sim(args, cfg: RecorderConfig) -> dict:
     return summary
 
 
-def record_cell(args, cfg: RecorderConfig) -> dict:
-    """The robot: cameras from --cameras, the arm through the driver core (``DriverArm``)."""
+def record_cell(args, cfg: RecorderConfig, *, rtde_factories: tuple | None = None,
+                camera_kw: dict | None = None, source=None) -> dict:  # fmt: skip
+    """The robot: the UR5e through ur_rtde and the 2F-85 through its URCap, both behind the driver
+    core (``ArmDriver``: the safety limits a policy's chunks meet) as ``DriverArm``; the cameras of
+    ``--cameras``; the same recorder as in the twin.
+
+    ``rtde_factories`` (ur_rtde's control, receive and dashboard classes), ``camera_kw`` (per camera,
+    the backend's ``rs=``/``cv2=`` module) and ``source`` (the operator's input) are the seams the
+    tests fill with the fakes of ``carp_hardware.fake_rtde`` / ``cameras.fakes``."""
     import yaml
 
     from carp_hardware.cameras import make_camera
+    from carp_hardware.driver import ArmDriver, DriverConfig, WallClock
+    from carp_hardware.robotiq import Robotiq2F85, RobotiqConfig
+    from carp_hardware.safety import SafetyLimits
+    from carp_hardware.ur_rtde_arm import RtdeArm, RtdeConfig
+    from carp_policy.actions import ACTION_NAMES, STATE_NAMES
+    from carp_policy.dataset import DatasetWriter
+    from carp_sim.cli import TASK_TEXT
+    from carp_teleop.cell import DriverArm
+    from carp_teleop.teleop import TeleopCore
 
     if not args.cameras:
         raise UserError("on the robot, --cameras CAMERAS.yaml is needed (docs/recording.md); or use --sim")
@@ -211,17 +230,68 @@ def record_cell(args, cfg: RecorderConfig) -> dict:
     missing = [c for c in cfg.cameras if c not in spec]
     if missing:
         raise UserError(f"{args.cameras} has no camera(s) {missing} (it has {sorted(spec)})")
-    cams = {c: make_camera(c, spec[c]) for c in cfg.cameras}  # checks every section before anything opens
-    try:
-        from carp_hardware.robotiq import Robotiq2F85  # noqa: F401
-    except ImportError:
-        from carp_teleop.cell import open_cell_arm
+    kw = camera_kw or {}
+    # every section is checked before anything opens
+    cams = {c: make_camera(c, spec[c], **kw.get(c, {})) for c in cfg.cameras}
+    limits = SafetyLimits.load(args.limits) if args.limits else SafetyLimits.load()
+    rtde = RtdeConfig(host=args.robot_ip)
+    arm = RtdeArm(rtde, factories=rtde_factories)
+    gripper = Robotiq2F85(RobotiqConfig(host=args.robot_ip, port=args.gripper_port))
+    policy, meta_policy = None, {}
+    if args.policy:
+        from carp_policy import load_policy
 
-        raise UserError(open_cell_arm()) from None
-    raise UserError(
-        f"cameras {sorted(cams)} are configured; wire carp_teleop.cell.DriverArm to the cell's ArmDriver "
-        "(RtdeArm + Robotiq2F85) here to record on the robot"
-    )
+        policy, meta_policy = load_policy(args.policy, device="cpu"), {"policy": args.policy}
+    opened: list = []
+    try:
+        try:
+            arm.connect()
+            opened.append(arm.close)
+            gripper.connect()
+            opened.append(gripper.close)
+        except (OSError, RuntimeError) as e:  # no robot at that address, remote control off, no URCap
+            raise UserError(f"cannot open the cell at {args.robot_ip}: {e} (docs/robot.md)") from None
+        driver = ArmDriver(arm, gripper, limits, DriverConfig(servo_hz=rtde.servo_hz), clock=WallClock())
+        driver.enable()
+        cell = DriverArm(driver, serial=arm.serial())
+        source = source or _open_input(args.input)
+        opened.append(source.close)
+        teleop = TeleopCore(cell, source, cfg.teleop)
+        for cam in cams.values():
+            cam.start()
+            opened.append(cam.stop)
+        writer = DatasetWriter(
+            args.out,
+            fps=cfg.fps,
+            cameras={c: tuple(cfg.image_size) for c in cfg.cameras},
+            state_names=STATE_NAMES,
+            action_names=ACTION_NAMES,
+            robot_type="ur5e",
+        )
+        opened.append(writer.close)
+        meta = {
+            "task": args.task,
+            "operator": args.operator,
+            "calibration_id": cfg.calibration_id,
+            "robot_serial": cell.serial,
+            "camera_serials": {c: cam.info().serial for c, cam in cams.items()},
+            "sim": False,
+            "input": args.input,
+            "robot_ip": args.robot_ip,
+            **meta_policy,
+        }
+        cell.start()
+        opened.append(cell.stop)  # stops the driver: the arm halts before anything else closes
+        rec = Recorder(cfg, cell, cams, teleop, writer, TASK_TEXT[args.task], args.out, meta, policy=policy)
+        n = writer.num_episodes
+        print(f"carp-record: UR5e at {args.robot_ip}, writing {args.out} ({n} episodes there)")
+        return rec.run(max_episodes=args.episodes, duration_s=args.duration)
+    finally:
+        for close in reversed(opened):  # newest first: the driver, the writer, ..., the arm last
+            try:
+                close()
+            except Exception as e:  # one device failing to close must not keep the others open
+                print(f"carp-record: {close.__qualname__} failed: {e}")
 
 
 def main(argv: list[str] | None = None) -> int:

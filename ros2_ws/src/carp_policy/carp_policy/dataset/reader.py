@@ -120,12 +120,20 @@ class EpisodeDataset:
 
     keymap: a :class:`KeyMap`, a YAML path or None (our own keys).
     cameras: which cameras to decode (default: all the key map names).
+    image_size: (H, W) a model reads: frames stored at another size (a LeRobot dataset at 480x640)
+    are fitted to it on decode by ``images.fit_image``, the conversion the recorder and the policy
+    node use (None: as stored).
     """
 
     def __init__(
-        self, root: str | Path, keymap: KeyMap | str | Path | None = None, cameras: list[str] | None = None
+        self,
+        root: str | Path,
+        keymap: KeyMap | str | Path | None = None,
+        cameras: list[str] | None = None,
+        image_size: tuple[int, int] | None = None,
     ) -> None:
         self.root = Path(root)
+        self.image_size = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         self.keymap = KeyMap.coerce(keymap)
         self.info = read_json(self.root / INFO_PATH)
         version = str(self.info.get("codebase_version", ""))
@@ -398,6 +406,12 @@ class EpisodeDataset:
                     f"(video has {len(pts)} frames up to {pts[-1]:.3f} s): truncated or out of sync"
                 )
             out[cam] = frames[j]
+        if self.image_size is not None:
+            from carp_policy.images import fit_image
+
+            for cam, frames in out.items():
+                if frames.shape[1:3] != self.image_size:
+                    out[cam] = np.stack([fit_image(f, self.image_size) for f in frames])
         return out
 
     def _load_png_column(self, row: dict, key: str) -> np.ndarray:
