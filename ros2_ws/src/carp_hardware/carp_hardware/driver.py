@@ -72,6 +72,14 @@ class WallClock:
         return time.monotonic()
 
 
+class EpochClock:
+    """The host's wall clock, ``time.time()``: the ROS clock every message stamp is on (the driver
+    node's time base, so a chunk stamped by the policy node is scheduled on the same clock)."""
+
+    def now(self) -> float:
+        return time.time()
+
+
 class ManualClock:
     """A clock that moves only when told to (tests, fakes that simulate time)."""
 

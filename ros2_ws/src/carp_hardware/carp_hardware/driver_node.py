@@ -14,13 +14,20 @@ scene live in the same MuJoCo world, also publishes ``/cameras/{wrist,scene}/ima
 ``/sim/reset`` service that starts the next episode. The driver core, its limits and its watchdog
 are the same code for both.
 
-The servo loop runs in its own thread at ``servo_hz`` and the state is published from another at
-``state_hz``; the executor's one thread takes commands, services and diagnostics. Every
-stamp is on the host's wall clock (the ROS clock): the policy's chunks are scheduled against it.
+``backend:=fake_rtde`` is the robot's path (the servo process, ur_rtde's calls) over the scripted
+fake controller of ``carp_hardware.fake_rtde``, without a gripper: a dry run without a robot.
+
+The servo loop runs at ``servo_hz`` in a process of its own on the robot (``driver_process``: the
+node's and the policy's Python work do not hold its GIL; if the process dies the node exits with
+code 2) and in a thread with the twin (which shares its MuJoCo world with the cameras). The state
+is published from a thread at ``state_hz``; the executor's one thread takes commands, services
+and diagnostics. Every stamp is on the host's wall clock (the ROS clock): the policy's chunks are
+scheduled against it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import threading
@@ -36,6 +43,7 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import MultiDOFJointTrajectory
 
+from carp_hardware.driver import EpochClock
 from carp_hardware.kinematics import JOINT_NAMES
 from carp_policy.messages import Periodic, chunk_from_msg, pose_to_msg, spin_node, time_to_msg
 
@@ -47,11 +55,11 @@ class DriverNode(Node):
         super().__init__("ur5e_driver")
         defaults = {"backend": "rtde", "robot_ip": "192.168.1.102", "limits": "default", "config": "default",
                     "execute_steps": 8, "servo_hz": 0.0, "state_hz": 100.0, "enable": False,
-                    "task": "cup", "seed": 10000, "camera_fps": 30.0}  # fmt: skip
+                    "gripper_port": 63352, "task": "cup", "seed": 10000, "camera_fps": 30.0}  # fmt: skip
         for k, v in defaults.items():
             self.declare_parameter(k, v, ParameterDescriptor(dynamic_typing=True))
         get = lambda k: self.get_parameter(k).value  # noqa: E731
-        from carp_hardware.driver import ArmDriver, DriverConfig
+        from carp_hardware.driver import DriverConfig
         from carp_hardware.safety import SafetyLimits
         from carp_policy.yaml_config import from_dict, load_yaml, to_dict
 
@@ -68,7 +76,7 @@ class DriverNode(Node):
         self.lock = threading.RLock()  # the MuJoCo world (physics and renders) in the twin
         self.cell = None
         self.cameras: list = []
-        self.clock = _WallClock()
+        self.clock = EpochClock()
         if backend == "sim":
             from carp_sim.env import SimCell, SimConfig
 
@@ -81,32 +89,38 @@ class DriverNode(Node):
             self.cell.reset(self.seed)
             self.driver, self.arm, self.gripper = self.cell.driver, self.cell.arm, self.cell.gripper
         elif backend == "rtde":
-            from carp_hardware.robotiq import Robotiq2F85, RobotiqConfig
-            from carp_hardware.ur_rtde_arm import RtdeArm, RtdeConfig
+            # the servo loop in a process of its own (driver_process: why), the node calls it
+            from carp_hardware.driver_process import DriverProcess, rtde_driver
 
             cfg = from_dict(DriverConfig, {**to_dict(cfg), **overrides})
-            ip = str(get("robot_ip"))
-            self.arm = RtdeArm(RtdeConfig(host=ip, servo_hz=cfg.servo_hz))
-            self.gripper = Robotiq2F85(RobotiqConfig(host=ip))
-            self.arm.connect()
-            self.gripper.connect()
-            limits = limits or SafetyLimits.load()
-            self.driver = ArmDriver(self.arm, self.gripper, limits, cfg, clock=self.clock)
+            lim_path = None if lim == "default" else lim  # checked above: a bad file fails here
+            build = functools.partial(rtde_driver, str(get("robot_ip")), to_dict(cfg), lim_path,
+                                      int(get("gripper_port")), self.clock)  # fmt: skip
+            self.driver = DriverProcess(build)
+        elif backend == "fake_rtde":
+            from carp_hardware.driver_process import DriverProcess
+            from carp_hardware.fake_rtde import fake_driver
+
+            cfg = from_dict(DriverConfig, {**to_dict(cfg), **overrides})
+            build = functools.partial(fake_driver, "fake-ur5e", cfg.servo_hz, True, None, to_dict(cfg),
+                                      clock=self.clock)  # fmt: skip
+            self.driver = DriverProcess(build)
         else:
-            raise ValueError(f"ur5e_driver_node: backend must be rtde or sim, got {backend!r}")
+            raise ValueError(f"ur5e_driver_node: backend must be rtde, sim or fake_rtde, got {backend!r}")
         self.backend = backend
         self._setup_topics(float(get("state_hz")))
         if backend == "sim":
             self._setup_twin(float(get("camera_fps")))
-        if backend == "rtde" and bool(get("enable")):
+        if backend != "sim" and bool(get("enable")):
             self.driver.enable()  # on the robot the arm moves only once enabled (service or parameter)
         self._running = True
         self._servo_thread = threading.Thread(target=self._servo_loop, name="servo", daemon=True)
-        self._servo_thread.start()
+        if self.cell is not None:  # the twin's loop here; the robot's runs in its own process
+            self._servo_thread.start()
         self._state_loop.start()
         self.get_logger().info(
             f"driver: backend {backend}, servo {cfg.servo_hz:.0f} Hz, execute {cfg.execute_steps} steps, "
-            f"state {self.driver.state.value}"
+            f"state {self.driver.diagnostics()['state']}"
         )
 
     # ------------------------------------------------------------------ servo loop (own thread)
@@ -115,9 +129,6 @@ class DriverNode(Node):
         next_t = time.perf_counter()
         k = 0
         while self._running:
-            if self.cell is None:
-                self.driver.tick()  # ur_rtde paces the loop (initPeriod / waitPeriod)
-                continue
             with self.lock:  # the twin: one tick of driver and physics, then wait for the wall clock
                 self.driver.tick()
                 k += 1
@@ -212,11 +223,14 @@ class DriverNode(Node):
         return self._trigger(reset, res, "reset")
 
     def _publish_state(self) -> None:
-        with self.lock:  # one instant: the arm, the gripper and (the twin) the scene
-            st = self.arm.state()
-            g = self.gripper.state()
-            t = self.clock.now()
-            scene = None if self.cell is None else self.cell.observe().env_state
+        if self.cell is None:  # the robot: measured between two ticks of the servo process
+            st, g = self.driver.measured()
+            t, scene = self.clock.now(), None
+        else:
+            with self.lock:  # one instant: the arm, the gripper and the scene
+                st, g = self.arm.state(), self.gripper.state()
+                t = self.clock.now()
+                scene = self.cell.observe().env_state
         stamp = time_to_msg(t)
         if scene is not None:  # at the state's rate and stamp: no skew between them
             from carp_sim.env import ENV_STATE_NAMES
@@ -228,9 +242,10 @@ class DriverNode(Node):
         js.header.stamp = stamp
         self.pub_joints.publish(js)
         self.pub_tcp.publish(pose_to_msg(st.tcp, t))
-        gs = JointState(name=["gripper"], position=[float(g.opening)])
-        gs.header.stamp = stamp
-        self.pub_grip.publish(gs)
+        if g is not None:  # an arm without a gripper (fake_rtde) publishes none
+            gs = JointState(name=["gripper"], position=[float(g.opening)])
+            gs.header.stamp = stamp
+            self.pub_grip.publish(gs)
 
     def _state_error(self, e: Exception) -> None:
         if self.context.ok():  # after shutdown a publish fails by design: not worth a line
@@ -261,24 +276,17 @@ class DriverNode(Node):
         if self._servo_thread.is_alive():
             self._servo_thread.join(timeout=2.0)
         try:
-            self.driver.stop("driver node shutting down")
+            if self.cell is None:
+                self.driver.close()  # stops the arm, closes ur_rtde and the gripper, ends the process
+            else:
+                self.driver.stop("driver node shutting down")
         except Exception as e:  # the arm is stopped by the controller-side watchdog regardless
             self.get_logger().error(f"stop on shutdown failed: {e}")
         for c in self.cameras:
             c.stop()
         if self.cell is not None:
             self.cell.close()
-        else:
-            self.arm.close()
-            self.gripper.close()
         super().destroy_node()
-
-
-class _WallClock:
-    """The robot's driver clock: the host's wall clock, the ROS clock every stamp is on."""
-
-    def now(self) -> float:
-        return time.time()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -350,3 +350,27 @@ class FakeDashboardClient:
 
 
 FACTORIES = (FakeRTDEControlInterface, FakeRTDEReceiveInterface, FakeDashboardClient)
+
+
+def fake_driver(host: str = "fake-ur5e", servo_hz: float = 125.0, realtime: bool = True,
+                gripper_port: int | None = None, driver_config: dict | None = None,
+                robot_present: bool = True, clock=None):  # fmt: skip
+    """An ``ArmDriver`` over a new fake controller (and, with ``gripper_port``, a 2F-85 at a
+    ``FakeURCapServer`` on loopback): what ``DriverProcess`` builds in its child in tests and
+    benchmarks, as ``driver_process.rtde_driver`` does on the robot. ``robot_present=False``: no
+    controller answers at ``host`` (connect raises, as ur_rtde's does)."""
+    from carp_hardware.driver import ArmDriver, DriverConfig
+    from carp_hardware.ur_rtde_arm import RtdeArm, RtdeConfig
+
+    if robot_present:
+        FakeUR.create(host, realtime=realtime, frequency=servo_hz)
+    arm = RtdeArm(RtdeConfig(host=host, servo_hz=servo_hz), factories=FACTORIES)
+    arm.connect()
+    gripper = None
+    if gripper_port is not None:
+        from carp_hardware.robotiq import Robotiq2F85, RobotiqConfig
+
+        gripper = Robotiq2F85(RobotiqConfig(host="127.0.0.1", port=gripper_port))
+        gripper.connect()
+    cfg = {**(driver_config or {}), "servo_hz": servo_hz}
+    return ArmDriver(arm, gripper, config=DriverConfig(**cfg), clock=clock)

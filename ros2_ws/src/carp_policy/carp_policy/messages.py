@@ -266,6 +266,9 @@ def spin_node(make_node, prog: str, argv: list[str] | None = None) -> int:
             ex.spin()
         except (KeyboardInterrupt, ExternalShutdownException):
             pass
+        except ConnectionError as e:  # a device (the driver's servo process, a socket) is gone
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            return 2
         except RuntimeError as e:
             # Ctrl-C or the launch's shutdown can invalidate the context while the executor builds
             # its next wait set ("the given context is not valid"): that is a clean stop too
