@@ -21,6 +21,7 @@ Safety across the process boundary:
 from __future__ import annotations
 
 import multiprocessing as mp
+import pickle
 import sys
 import threading
 import time
@@ -50,24 +51,35 @@ def _serve(build: Callable[[], Any], conn) -> None:
     conn.send((0, "ok", driver.dt))
     periods: deque[float] = deque(maxlen=2000)
     last = time.perf_counter()
+
+    def orphaned() -> None:  # the parent is gone (its end of the pipe closed): stop the arm
+        driver.stop("the driver node is gone")
+        print("carp-servo: the driver node is gone: arm stopped (servoStop)", file=sys.stderr)
+
     try:
         while True:
             while conn.poll(0):
                 try:
                     seq, name, args = conn.recv()
-                except (EOFError, OSError):  # the parent is gone: stop the arm, then exit
-                    driver.stop("the driver node is gone")
-                    print("carp-servo: the driver node is gone: arm stopped (servoStop)", file=sys.stderr)
-                    return
+                except (EOFError, OSError):
+                    return orphaned()
                 if name == "close":
                     driver.stop("driver node shutting down")
-                    conn.send((seq, "ok", None))
-                    return
+                    reply = (seq, "ok", None)
+                else:
+                    try:
+                        reply = (seq, "ok", _call(driver, name, args, periods))
+                    except Exception as e:  # the command's own answer (DriverError, ValueError, ...)
+                        reply = (seq, "err", e)
                 try:
-                    out = _call(driver, name, args, periods)
-                    conn.send((seq, "ok", out))
-                except Exception as e:  # the command's own answer (DriverError, ValueError, ...)
-                    conn.send((seq, "err", e))
+                    try:
+                        conn.send(reply)
+                    except (pickle.PicklingError, TypeError, AttributeError) as e:  # will not pickle
+                        conn.send((seq, "err", RuntimeError(f"servo process: {name}'s answer: {e}")))
+                except OSError:  # BrokenPipeError: the parent died while we answered
+                    return orphaned()
+                if name == "close":
+                    return
             driver.tick()
             now = time.perf_counter()
             periods.append(now - last)
