@@ -67,6 +67,7 @@ class EvalConfig:
     ensemble_grid: int | None = None
     ensemble_radius: float = 0.0
     video_size: tuple[int, int] = (240, 320)
+    rerun: str | None = None  # a .rrd file: the live view of every trial (carp_bringup.live_view)
 
 
 @dataclass
@@ -99,8 +100,10 @@ def run_trial(
     seed: int,
     cfg: EvalConfig,
     frames: list[np.ndarray] | None = None,
+    view=None,
 ) -> TrialResult:
-    """Run one closed-loop episode and return its outcome. Appends video frames if a list is given.
+    """Run one closed-loop episode and return its outcome. Appends video frames if a list is given;
+    ``view`` (a ``live_view.LiveView``) gets every observation, chunk, refusal and the outcome.
 
     Every chunk goes through the cell's driver (``submit_chunk`` / ``run_until``): the same
     scheduling, latency compensation, interpolation and limits as on the robot."""
@@ -117,7 +120,11 @@ def run_trial(
     def grab() -> None:
         if frames is not None:
             frames.append(cell.render_video_frame(*cfg.video_size))
+        if view is not None:
+            view.observation(stacked)
 
+    if view is not None:
+        view.start_trial(seed, cell.time)
     grab()
     while not cell.done and cell.time < cell.max_duration_s:
         t0 = time.perf_counter()
@@ -128,8 +135,12 @@ def run_trial(
         if cfg.account_latency:  # the driver runs on: the arm holds at the end of the last chunk
             cell.hold(latency if cfg.sim_latency_s is None else cfg.sim_latency_s)
         result = cell.submit_chunk(chunk)
+        if view is not None:
+            view.chunk(chunk, result.kept if result.accepted else 0)
         if not result.accepted:  # refused whole (stale, unsafe): the arm stopped; re-plan
             refused += 1
+            if view is not None:
+                view.event(cell.time, f"chunk refused: {result.refusal}")
             stacked = history.push(cell.run_until(cell.time + chunk.dt))
             grab()
             continue
@@ -141,6 +152,9 @@ def run_trial(
             if cell.done or cell.time >= cell.max_duration_s:
                 break
     outcome = cell.outcome()
+    if view is not None:
+        said = "success" if outcome.success else "failure"
+        view.event(cell.time, f"seed {seed}: {said} ({outcome.reason})", warning=not outcome.success)
     return TrialResult(
         seed=seed,
         success=bool(outcome.success),
@@ -299,6 +313,11 @@ def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", 
         cams = () if policy is None else tuple(policy.cameras)
         sim_config = SimConfig(cameras=cams, render=bool(cams))
     cell = SimCell(task=cfg.task, config=sim_config)
+    view = None
+    if cfg.rerun:
+        from carp_bringup.live_view import LiveView
+
+        view = LiveView(cfg.task, save=cfg.rerun)
     results: list[TrialResult] = []
     bar = tqdm(range(cfg.trials), desc=f"eval {cfg.task}", unit="trial")
     try:
@@ -309,7 +328,7 @@ def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", 
 
                 policy = make_expert(cell, seed)
             frames: list[np.ndarray] | None = [] if i < cfg.videos else None
-            r = run_trial(cell, policy, seed, cfg, frames)
+            r = run_trial(cell, policy, seed, cfg, frames, view)
             results.append(r)
             if frames:
                 write_mp4(frames, out / f"rollout_{i:02d}_seed{seed}_{'ok' if r.success else 'fail'}.mp4")
@@ -317,6 +336,8 @@ def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", 
             bar.set_postfix(success=f"{k}/{len(results)}", last=r.reason)
     finally:
         cell.close()
+        if view is not None:
+            view.close()
     summary = summarize(results, cfg, policy_spec)
     from carp_policy.policies.ensemble import ShiftEnsemble
 
@@ -379,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
         help="let this much sim time pass per chunk instead of the measured inference time "
         "(reproducible rollouts on a loaded machine)",
     )
+    p.add_argument(
+        "--rerun",
+        metavar="FILE.rrd",
+        help="save a rerun recording of every trial (cameras, TCP path, chunks, refusals, outcomes); "
+        "open it with `rerun FILE.rrd`",
+    )
     add_device_argument(p)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -396,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         videos=a.videos,
         ensemble_grid=a.ensemble_grid,
         ensemble_radius=a.ensemble_radius,
+        rerun=a.rerun,
     )
 
     def body() -> int:

@@ -32,11 +32,23 @@ class LiveView:
         if spawn:
             self.rec.spawn()
         self._tcp: list[np.ndarray] = []
+        self._offset = 0.0  # each trial's clock starts at 0: trials follow each other on the timeline
+        self._t_max = 0.0
         self.rec.log("world/table", rr.Boxes3D(centers=[[-0.45, 0.0, -0.01]], half_sizes=[[0.4, 0.55, 0.01]],
                                                colors=[[120, 100, 80]]), static=True)  # fmt: skip
 
     def _at(self, t: float) -> None:
-        self.rr.set_time("time", duration=float(t), recording=self.rec)
+        t = self._offset + float(t)
+        self._t_max = max(self._t_max, t)
+        self.rr.set_time("time", duration=t, recording=self.rec)
+
+    def start_trial(self, seed: int, t: float = 0.0) -> None:
+        """A new episode whose clock restarts at ``t``: placed 1 s after the previous one, with its
+        TCP path started afresh and an event naming its seed."""
+        self._offset = self._t_max + 1.0 - float(t) if self._t_max > 0 else -float(t)
+        self._tcp = []
+        self.rr.set_time("trial", sequence=int(seed), recording=self.rec)
+        self.event(t, f"trial seed {seed}", warning=False)
 
     def observation(self, obs: Observation) -> None:
         """The newest row of an observation: camera frames and the TCP position."""
