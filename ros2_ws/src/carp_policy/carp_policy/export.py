@@ -197,6 +197,13 @@ def export_policy(
         "exporter": {"torch": torch.__version__, "python": platform.python_version()},
     }
     write_manifest(out, manifest)
+    if parity_samples < 1:  # the Python API's explicit "do not check" (the CLI asks for >= 1)
+        manifest["parity"] = {"samples": 0, "passed": None, "skipped": "parity_samples=0: not checked"}
+        log("parity: NOT checked (parity_samples=0)")
+        if fp16:
+            manifest["fp16"] = {"used": False, "reason": "fp16 is kept only after a parity check"}
+        write_manifest(out, manifest)
+        return manifest
     manifest["parity"] = check_parity(policy, out, parity_samples, seed)
     p = manifest["parity"]
     log(
@@ -230,6 +237,8 @@ def check_parity(policy: Any, model_dir: Path, samples: int, seed: int) -> dict[
     family has them), then every row of a batched pass against the torch policy alone."""
     from carp_policy.engine import OnnxPolicy
 
+    if samples < 1:  # zero samples compare nothing: that must not read as "passed"
+        raise ValueError(f"the parity check needs at least 1 sample, got {samples}")
     fam = _family_export(policy.config.family)
     engine = OnnxPolicy(model_dir, device="cpu", precision="fp32")
     rng = np.random.default_rng(seed)
@@ -268,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parity-samples", type=int, default=16, help="random observations for the parity check")
     add_device_argument(ap)  # where the torch policy is loaded; the graphs are traced on the CPU
     args = ap.parse_args(argv)
+    if args.parity_samples < 1:
+        ap.error("--parity-samples must be >= 1 (an export is always checked against the torch policy)")
 
     def body() -> int:
         policy = load_torch_policy(args.run, device=resolve_device(args.device))

@@ -115,23 +115,34 @@ class Normalizer:
         horizon: int,
         state_names: list[str],
         frame: str = "absolute",
+        shift: float = 0.0,
     ) -> Normalizer:
         """Min / max of the state rows and the action windows as the policy sees them in its frame.
 
-        episodes: (state (T, S), action (T, 10)) per episode; the windows are those of training (the
-        chunk of frame t is rows t..t+H-1, the last row repeated past the end, relative to state t).
-        In the absolute frame these are the per-row min / max of the recorded vectors.
+        episodes: (state (T, S), action (T, 10)) per episode, the training episodes only (the
+        validation episodes are data the model must not have seen, its ranges included); the windows
+        are those of training (the chunk of frame t is rows t..t+H-1, the last row repeated past the
+        end, relative to state t). In the absolute frame these are the per-row min / max of the
+        recorded vectors. ``shift``: the translation augmentation's half range (m): the ranges cover
+        every window moved by any offset in [-shift, shift]^2 (the frame change is linear in the
+        offset, so its four corners bound it), so augmented batches stay inside [-1, 1].
         """
         empty = np.zeros(0)
         probe = cls(empty, empty, empty, empty, list(state_names), frame)  # only its frame change is used
+        corners = [np.zeros(2)]
+        if shift > 0:
+            corners += [np.array([sx, sy]) * shift for sx in (-1, 1) for sy in (-1, 1)]
         states, actions = [], []
         for state, action in episodes:
             n = len(state)
             state, action = np.asarray(state, np.float64), np.asarray(action, np.float64)
             idx = np.minimum(np.arange(n)[:, None] + np.arange(horizon), n - 1)  # (T, H)
-            states.append(probe.state_to_frame(state))
-            chunk = probe.actions_to_frame(action[idx], state)  # (T, H, 10)
-            actions.append(chunk.reshape(-1, chunk.shape[-1]))
+            for d in corners:
+                st, act = probe.shift_xy(state, np.broadcast_to(d, (n, 2))), action[idx].copy()
+                act[..., :2] += d
+                states.append(probe.state_to_frame(st))
+                chunk = probe.actions_to_frame(act, st)  # (T, H, 10)
+                actions.append(chunk.reshape(-1, chunk.shape[-1]))
         s, a = np.concatenate(states), np.concatenate(actions)
         return cls(s.min(0), s.max(0), a.min(0), a.max(0), list(state_names), frame)
 

@@ -81,10 +81,11 @@ def open_dataset(
     train = windows(ds, train_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     val = windows(ds, val_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     actions_only = windows(ds, train_idx, obs_horizon=1, action_horizon=H, cameras=[])
-    vectors = [ds.vectors(i) for i in range(len(ds))]
+    vectors = [ds.vectors(i) for i in train_idx]  # the validation episodes stay unseen
     normalizer = Normalizer.fit(
-        [(v["state"], v["action"]) for v in vectors], H, list(ds.state_names), cfg.frame
-    )
+        [(v["state"], v["action"]) for v in vectors], H, list(ds.state_names), cfg.frame,
+        shift=cfg.train.shift_augment,
+    )  # fmt: skip
     return train, val, actions_only, normalizer, ds
 
 

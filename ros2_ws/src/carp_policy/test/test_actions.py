@@ -255,3 +255,33 @@ def test_relative_frame_round_trip_stats_and_save(tmp_path):
         Normalizer(*(np.zeros(0),) * 4, frame="tcp")
     with pytest.raises(ValueError, match="TCP position first"):
         Normalizer(*(np.zeros(0),) * 4, state_names=["gripper", *names[1:]], frame="relative")
+
+
+@pytest.mark.parametrize("frame", ["absolute", "relative"])
+def test_fitted_ranges_cover_the_translation_augmentation(frame):
+    """Normalizer.fit(shift=s): any window moved by d in [-s, s]^2 (what the augmentation of
+    train.BatchNormalizer does) normalises inside [-1, 1]; without the shift it would not."""
+    from carp_policy.normalization import Normalizer
+
+    names = [*STATE_NAMES, "object_x", "object_y", "object_z", "object_up_x", "object_up_y",
+             "object_up_z", "target_x", "target_y"]  # fmt: skip
+    rng = np.random.default_rng(3)
+    eps = [(rng.normal(size=(40, 18)) * 0.1, rng.normal(size=(40, 10)) * 0.1) for _ in range(3)]
+    s = 0.03
+    nz = Normalizer.fit(eps, 16, names, frame, shift=s)
+    plain = Normalizer.fit(eps, 16, names, frame)
+    state, action = eps[0]
+    idx = np.minimum(np.arange(40)[:, None] + np.arange(16), 39)
+    worst, worst_plain = 0.0, 0.0
+    for d in rng.uniform(-s, s, size=(200, 2)):
+        st = nz.shift_xy(state, np.broadcast_to(d, (40, 2)))
+        act = action[idx].copy()
+        act[..., :2] += d
+        for n in (nz, plain):
+            m = max(np.abs(n.normalize_state(st)).max(), np.abs(n.normalize_action(act, st)).max())
+            if n is nz:
+                worst = max(worst, m)
+            else:
+                worst_plain = max(worst_plain, m)
+    assert worst <= 1.0 + 1e-5, worst
+    assert worst_plain > 1.05  # the plain ranges do not cover it (the test can fail)

@@ -259,3 +259,22 @@ def test_tiny_policy_overfits_a_few_trajectories():
     assert err["rotation_deg"]["mean"] < 2.0, err
     untrained = CarpModel(cfg).eval().generate(obs)
     assert not torch.allclose(untrained, reference, atol=1e-3)  # memorised, not trivially equal
+
+
+def test_the_tokenizer_encodes_in_fp32_inside_the_trainers_autocast():
+    """carp-train runs the policy stage under bf16 autocast (CUDA; CPU autocast here): the frozen
+    tokenizer that makes the target tokens must not run in bf16 there."""
+    m = _model()
+    seen = []
+    encode = m.tokenizer.encode
+
+    def spy(actions):
+        seen.append((torch.is_autocast_enabled("cpu"), actions.dtype))
+        return encode(actions)
+
+    m.tokenizer.encode = spy
+    obs = {"state": torch.zeros(2, 2, 10), "images": {}}
+    actions = torch.rand(2, 16, 10) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m.loss(obs, actions.bfloat16())
+    assert seen == [(False, torch.float32)]

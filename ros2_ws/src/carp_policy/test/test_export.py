@@ -497,6 +497,21 @@ def test_nan_output_is_refused(tmp_path):
         engine.predict(obs)
 
 
+def test_a_parity_check_of_zero_samples_is_no_pass(tmp_path):
+    """Zero samples compare nothing: check_parity refuses them, the manifest of an export asked not
+    to check says so (passed None, no fp16), and carp-export refuses --parity-samples 0."""
+    from carp_policy.export import check_parity, main
+
+    policy = _carp_policy("state", seed=2)
+    m = export_policy(policy, tmp_path, parity_samples=0, fp16=True, verbose=False)
+    assert m["parity"]["passed"] is None and m["fp16"]["used"] is False
+    with pytest.raises(ValueError, match="at least 1 sample"):
+        check_parity(policy, tmp_path, 0, 0)
+    with pytest.raises(SystemExit) as e:
+        main(["--run", str(tmp_path), "--out", str(tmp_path / "x"), "--parity-samples", "0"])
+    assert e.value.code == 2
+
+
 def test_batched_export_runs_the_shift_ensemble_in_one_pass(tmp_path):
     """A CARP policy with a 3 x 3 shift ensemble exports its graphs at batch 9: each row of one pass
     matches the torch policy, a lone observation gives the batch-1 export's chunk, and the ensemble

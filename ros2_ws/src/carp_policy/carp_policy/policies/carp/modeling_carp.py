@@ -65,8 +65,10 @@ class CarpModel(nn.Module):
     # ------------------------------------------------------------------ training
     def loss(self, batch: dict, actions: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         """Policy-stage loss. batch: normalised obs tensors; actions: (B, H, D) normalised targets."""
-        with torch.no_grad():
-            idx_list = self.tokenizer.encode(actions)
+        # the frozen tokenizer in fp32 even inside the trainer's bf16 autocast: its tokens are the
+        # targets, and bf16 would quantise some residuals to other codes than at export
+        with torch.no_grad(), torch.autocast(actions.device.type, enabled=False):
+            idx_list = self.tokenizer.encode(actions.float())
             x_in = self.tokenizer.teacher_forcing_inputs(idx_list)  # (B, T - D, C)
         target = self.flat_tokens(idx_list)  # (B, T)
         logits = self.gpt(self.encoder(batch), x_in)  # (B, T, V)
