@@ -92,11 +92,26 @@ def _open_input(kind: str):
         raise UserError(str(e)) from None
 
 
+def _writer(args, cfg: RecorderConfig, env_state_names=None):
+    """The dataset writer, the twin's and the cell's alike (the collector's state and action names;
+    the twin also records its scene state)."""
+    from carp_policy.actions import ACTION_NAMES, STATE_NAMES
+    from carp_policy.dataset import DatasetWriter
+
+    return DatasetWriter(
+        args.out,
+        fps=cfg.fps,
+        cameras={c: tuple(cfg.image_size) for c in cfg.cameras},
+        state_names=STATE_NAMES,
+        action_names=ACTION_NAMES,
+        robot_type="ur5e",
+        env_state_names=env_state_names,
+    )
+
+
 def record_sim(args, cfg: RecorderConfig) -> dict:
     """The twin: SimCell behind TwinArm, threaded MuJoCo cameras, the same recorder."""
     from carp_hardware.cameras import SimCamera
-    from carp_policy.actions import ACTION_NAMES, STATE_NAMES
-    from carp_policy.dataset import DatasetWriter
     from carp_sim.cli import TASK_TEXT
     from carp_sim.env import ENV_STATE_NAMES, SimCell, SimConfig
     from carp_teleop.arm import TwinArm
@@ -135,15 +150,7 @@ def record_sim(args, cfg: RecorderConfig) -> dict:
     else:
         meta_policy = {}
     cams = {c: SimCamera(c, env.model, env.data, lock, size=tuple(cfg.image_size)) for c in cfg.cameras}
-    writer = DatasetWriter(
-        args.out,
-        fps=cfg.fps,
-        cameras={c: tuple(cfg.image_size) for c in cfg.cameras},
-        state_names=STATE_NAMES,
-        action_names=ACTION_NAMES,
-        robot_type="ur5e",
-        env_state_names=ENV_STATE_NAMES,
-    )
+    writer = _writer(args, cfg, ENV_STATE_NAMES)
 
     def next_scene() -> dict:
         seed[0] += 1
@@ -216,8 +223,6 @@ def record_cell(args, cfg: RecorderConfig, *, rtde_factories: tuple | None = Non
     from carp_hardware.robotiq import Robotiq2F85, RobotiqConfig
     from carp_hardware.safety import SafetyLimits
     from carp_hardware.ur_rtde_arm import RtdeArm, RtdeConfig
-    from carp_policy.actions import ACTION_NAMES, STATE_NAMES
-    from carp_policy.dataset import DatasetWriter
     from carp_sim.cli import TASK_TEXT
     from carp_teleop.cell import DriverArm
     from carp_teleop.teleop import TeleopCore
@@ -260,14 +265,7 @@ def record_cell(args, cfg: RecorderConfig, *, rtde_factories: tuple | None = Non
         for cam in cams.values():
             cam.start()
             opened.append(cam.stop)
-        writer = DatasetWriter(
-            args.out,
-            fps=cfg.fps,
-            cameras={c: tuple(cfg.image_size) for c in cfg.cameras},
-            state_names=STATE_NAMES,
-            action_names=ACTION_NAMES,
-            robot_type="ur5e",
-        )
+        writer = _writer(args, cfg)
         opened.append(writer.close)
         meta = {
             "task": args.task,
