@@ -88,22 +88,19 @@ class DriverNode(Node):
             self.seed = int(get("seed"))
             self.cell.reset(self.seed)
             self.driver, self.arm, self.gripper = self.cell.driver, self.cell.arm, self.cell.gripper
-        elif backend == "rtde":
-            # the servo loop in a process of its own (driver_process: why), the node calls it
+        elif backend in ("rtde", "fake_rtde"):
+            # the servo loop in a process of its own (driver_process: why); the node calls it
             from carp_hardware.driver_process import DriverProcess, rtde_driver
-
-            cfg = from_dict(DriverConfig, {**to_dict(cfg), **overrides})
-            lim_path = None if lim == "default" else lim  # checked above: a bad file fails here
-            build = functools.partial(rtde_driver, str(get("robot_ip")), to_dict(cfg), lim_path,
-                                      int(get("gripper_port")), self.clock)  # fmt: skip
-            self.driver = DriverProcess(build)
-        elif backend == "fake_rtde":
-            from carp_hardware.driver_process import DriverProcess
             from carp_hardware.fake_rtde import fake_driver
 
             cfg = from_dict(DriverConfig, {**to_dict(cfg), **overrides})
-            build = functools.partial(fake_driver, "fake-ur5e", cfg.servo_hz, True, None, to_dict(cfg),
-                                      clock=self.clock)  # fmt: skip
+            if backend == "rtde":
+                lim_path = None if lim == "default" else lim  # checked above: a bad file fails here
+                build = functools.partial(rtde_driver, str(get("robot_ip")), to_dict(cfg), lim_path,
+                                          int(get("gripper_port")), self.clock)  # fmt: skip
+            else:  # the robot's path over the scripted fake controller, without a gripper
+                build = functools.partial(fake_driver, "fake-ur5e", cfg.servo_hz, True, None, to_dict(cfg),
+                                          clock=self.clock)  # fmt: skip
             self.driver = DriverProcess(build)
         else:
             raise ValueError(f"ur5e_driver_node: backend must be rtde, sim or fake_rtde, got {backend!r}")

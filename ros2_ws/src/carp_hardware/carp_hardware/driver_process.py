@@ -215,24 +215,30 @@ class DriverProcess:
             self._conn.close()
 
 
-def rtde_driver(host: str, driver_config: dict, limits: str | None = None, gripper_port: int = 63352,
-                clock=None):  # fmt: skip
-    """The robot's driver (what ``DriverProcess`` builds in its child): the UR5e through ur_rtde,
-    the 2F-85 through its URCap, the limits of ``limits`` (default: the shipped YAML), on ``clock``
-    (default the host's monotonic clock; the driver node passes ``EpochClock``, the ROS clock)."""
+def rtde_driver(host: str, driver_config: dict | None = None, limits: str | None = None,
+                gripper_port: int | None = 63352, clock=None, factories: tuple | None = None,
+                gripper_host: str | None = None):  # fmt: skip
+    """The cell's driver, connected: the UR5e through ur_rtde, the 2F-85 through its URCap at
+    ``gripper_host`` (default: the controller) unless ``gripper_port`` is None, the limits of
+    ``limits`` (default: the shipped YAML), on ``clock`` (default the host's monotonic clock; the
+    driver node passes ``EpochClock``, the ROS clock). What ``DriverProcess`` builds in its child on
+    the robot and ``carp-record`` opens; ``factories`` are ur_rtde's classes (tests: the fakes')."""
     from carp_hardware.driver import ArmDriver, DriverConfig
     from carp_hardware.robotiq import Robotiq2F85, RobotiqConfig
     from carp_hardware.safety import SafetyLimits
     from carp_hardware.ur_rtde_arm import RtdeArm, RtdeConfig
     from carp_policy.yaml_config import from_dict
 
-    cfg = from_dict(DriverConfig, driver_config)
-    arm = RtdeArm(RtdeConfig(host=host, servo_hz=cfg.servo_hz))
-    gripper = Robotiq2F85(RobotiqConfig(host=host, port=gripper_port))
+    cfg = from_dict(DriverConfig, driver_config or {})
+    safety = SafetyLimits.load(limits) if limits else SafetyLimits.load()  # before connecting
+    arm = RtdeArm(RtdeConfig(host=host, servo_hz=cfg.servo_hz), factories=factories)
     arm.connect()
-    try:
-        gripper.connect()
-    except Exception:
-        arm.close()
-        raise
-    return ArmDriver(arm, gripper, SafetyLimits.load(limits) if limits else SafetyLimits.load(), cfg, clock)
+    gripper = None
+    if gripper_port is not None:
+        gripper = Robotiq2F85(RobotiqConfig(host=gripper_host or host, port=gripper_port))
+        try:
+            gripper.connect()
+        except Exception:
+            arm.close()
+            raise
+    return ArmDriver(arm, gripper, safety, cfg, clock)

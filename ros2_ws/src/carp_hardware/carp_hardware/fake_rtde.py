@@ -359,18 +359,9 @@ def fake_driver(host: str = "fake-ur5e", servo_hz: float = 125.0, realtime: bool
     ``FakeURCapServer`` on loopback): what ``DriverProcess`` builds in its child in tests and
     benchmarks, as ``driver_process.rtde_driver`` does on the robot. ``robot_present=False``: no
     controller answers at ``host`` (connect raises, as ur_rtde's does)."""
-    from carp_hardware.driver import ArmDriver, DriverConfig
-    from carp_hardware.ur_rtde_arm import RtdeArm, RtdeConfig
+    from carp_hardware.driver_process import rtde_driver
 
     if robot_present:
         FakeUR.create(host, realtime=realtime, frequency=servo_hz)
-    arm = RtdeArm(RtdeConfig(host=host, servo_hz=servo_hz), factories=FACTORIES)
-    arm.connect()
-    gripper = None
-    if gripper_port is not None:
-        from carp_hardware.robotiq import Robotiq2F85, RobotiqConfig
-
-        gripper = Robotiq2F85(RobotiqConfig(host="127.0.0.1", port=gripper_port))
-        gripper.connect()
     cfg = {**(driver_config or {}), "servo_hz": servo_hz}
-    return ArmDriver(arm, gripper, config=DriverConfig(**cfg), clock=clock)
+    return rtde_driver(host, cfg, None, gripper_port, clock, FACTORIES, gripper_host="127.0.0.1")

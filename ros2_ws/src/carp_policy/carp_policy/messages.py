@@ -17,6 +17,9 @@ it and drops the message (it never reaches the arm).
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 from builtin_interfaces.msg import Duration, Time
 from geometry_msgs.msg import PoseStamped, Transform
@@ -205,8 +208,6 @@ class Periodic:
     """
 
     def __init__(self, period: float, fn, name: str, on_error=None) -> None:
-        import threading
-
         if not period > 0:
             raise ValueError(f"{name}: period must be > 0 s, got {period}")
         self.period, self.fn, self.on_error = float(period), fn, on_error
@@ -223,8 +224,6 @@ class Periodic:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        import time
-
         next_t = time.monotonic()
         while not self._stop.is_set():
             try:

@@ -92,6 +92,15 @@ def _open_input(kind: str):
         raise UserError(str(e)) from None
 
 
+def _policy(args) -> tuple:
+    """DAgger: the policy of ``--policy`` and the fact recorded with each episode (none: (None, {}))."""
+    if not args.policy:
+        return None, {}
+    from carp_policy import load_policy
+
+    return load_policy(args.policy, device="cpu"), {"policy": args.policy}
+
+
 def _writer(args, cfg: RecorderConfig, env_state_names=None):
     """The dataset writer, the twin's and the cell's alike (the collector's state and action names;
     the twin also records its scene state)."""
@@ -141,14 +150,7 @@ def record_sim(args, cfg: RecorderConfig) -> dict:
 
         operator = ExpertOperator(env, lock, teleop, hid, spec)
         operator.reset(seed[0])
-    policy = None
-    if args.policy:
-        from carp_policy import load_policy
-
-        policy = load_policy(args.policy, device="cpu")
-        meta_policy = {"policy": args.policy}
-    else:
-        meta_policy = {}
+    policy, meta_policy = _policy(args)
     cams = {c: SimCamera(c, env.model, env.data, lock, size=tuple(cfg.image_size)) for c in cfg.cameras}
     writer = _writer(args, cfg, ENV_STATE_NAMES)
 
@@ -219,10 +221,7 @@ def record_cell(args, cfg: RecorderConfig, *, rtde_factories: tuple | None = Non
     import yaml
 
     from carp_hardware.cameras import make_camera
-    from carp_hardware.driver import ArmDriver, DriverConfig, WallClock
-    from carp_hardware.robotiq import Robotiq2F85, RobotiqConfig
-    from carp_hardware.safety import SafetyLimits
-    from carp_hardware.ur_rtde_arm import RtdeArm, RtdeConfig
+    from carp_hardware.driver_process import rtde_driver
     from carp_sim.cli import TASK_TEXT
     from carp_teleop.cell import DriverArm
     from carp_teleop.teleop import TeleopCore
@@ -238,27 +237,19 @@ def record_cell(args, cfg: RecorderConfig, *, rtde_factories: tuple | None = Non
     kw = camera_kw or {}
     # every section is checked before anything opens
     cams = {c: make_camera(c, spec[c], **kw.get(c, {})) for c in cfg.cameras}
-    limits = SafetyLimits.load(args.limits) if args.limits else SafetyLimits.load()
-    rtde = RtdeConfig(host=args.robot_ip)
-    arm = RtdeArm(rtde, factories=rtde_factories)
-    gripper = Robotiq2F85(RobotiqConfig(host=args.robot_ip, port=args.gripper_port))
-    policy, meta_policy = None, {}
-    if args.policy:
-        from carp_policy import load_policy
-
-        policy, meta_policy = load_policy(args.policy, device="cpu"), {"policy": args.policy}
+    if args.limits and not args.limits.exists():  # before the robot: not a connection error
+        raise FileNotFoundError(f"limits file not found: {args.limits}")
+    policy, meta_policy = _policy(args)
     opened: list = []
     try:
         try:
-            arm.connect()
-            opened.append(arm.close)
-            gripper.connect()
-            opened.append(gripper.close)
+            driver = rtde_driver(args.robot_ip, limits=args.limits, gripper_port=args.gripper_port,
+                                 factories=rtde_factories)
         except (OSError, RuntimeError) as e:  # no robot at that address, remote control off, no URCap
             raise UserError(f"cannot open the cell at {args.robot_ip}: {e} (docs/robot.md)") from None
-        driver = ArmDriver(arm, gripper, limits, DriverConfig(servo_hz=rtde.servo_hz), clock=WallClock())
+        opened += [driver.arm.close, driver.gripper.close]
         driver.enable()
-        cell = DriverArm(driver, serial=arm.serial())
+        cell = DriverArm(driver, serial=driver.arm.serial())
         source = source or _open_input(args.input)
         opened.append(source.close)
         teleop = TeleopCore(cell, source, cfg.teleop)
