@@ -3,8 +3,8 @@
 - ``StateEncoder``: an MLP over the flattened obs horizon of the normalised state (O=2 in the paper).
 - ``VisualEncoder``: per camera a ResNet-18-topology trunk with GroupNorm instead of BatchNorm (batch
   statistics are poor with small robot batches and EMA weights) and a spatial-softmax keypoint head,
-  concatenated with proprioception (normalised state), obs horizon 1. Random crop in training, center
-  crop at eval.
+  concatenated with proprioception (normalised state), obs horizon 1. Random crop and colour jitter in
+  training, center crop at eval.
 
 Both map a batch ``{"state": (B, O, S), "images": {cam: (B, O, H, W, 3) uint8}}`` to (B, out_dim).
 
@@ -154,6 +154,27 @@ class VisualEncoder(nn.Module):
         y, x = (H - ch) // 2, (W - cw) // 2
         return img[:, :, y : y + ch, x : x + cw]
 
+    def jitter(self, img: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w) in [0, 1] -> the same with a random brightness, contrast and saturation per image.
+
+        torchvision's ColorJitter draws one factor per call (one for the whole batch); here each image
+        gets its own, in one vectorised pass. Only in training, and only where ``color_jitter`` is set.
+        """
+        b, c, s = self.cfg.color_jitter
+        if not self.training or not (b or c or s):
+            return img
+        N = img.shape[0]
+
+        def factor(j: float) -> torch.Tensor:
+            return 1.0 + (torch.rand(N, 1, 1, 1, device=img.device) * 2.0 - 1.0) * j  # (N, 1, 1, 1)
+
+        img = img * factor(b)
+        gray = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2]).unsqueeze(1)  # (N, 1, h, w)
+        img = (img - gray.mean((2, 3), keepdim=True)) * factor(c) + gray.mean((2, 3), keepdim=True)
+        gray = (0.299 * img[:, 0] + 0.587 * img[:, 1] + 0.114 * img[:, 2]).unsqueeze(1)
+        img = (img - gray) * factor(s) + gray
+        return img.clamp(0.0, 1.0)
+
     def forward(self, batch: dict) -> torch.Tensor:
         state = batch["state"]  # (B, O, S)
         B = state.shape[0]
@@ -161,7 +182,7 @@ class VisualEncoder(nn.Module):
         for cam in self.cameras:
             img = batch["images"][cam]  # (B, O, H, W, 3) uint8
             x = img.flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0  # (B*O, 3, H, W)
-            x = (self.crop(x) - self.mean) / self.std
+            x = (self.jitter(self.crop(x)) - self.mean) / self.std
             kp = self.heads[cam](self.trunks[cam](x))  # (B*O, 2K)
             feats.append(kp.view(B, -1))
         feats.append(state.flatten(1))

@@ -171,6 +171,43 @@ def test_visual_crop_is_random_in_training_and_centered_at_eval():
     assert any(not torch.equal(crops[0], x) for x in crops[1:])
 
 
+def test_colour_jitter_varies_each_image_within_its_range_and_only_in_training():
+    from carp_policy.encoders import VisualEncoder
+
+    def encoder(jitter=(0.0, 0.0, 0.0)) -> VisualEncoder:
+        cfg = EncoderConfig(kind="visual", obs_horizon=1, cameras=("wrist",), color_jitter=jitter)
+        return VisualEncoder(cfg)
+
+    enc = encoder((0.3, 0.0, 0.0))
+    img = torch.full((64, 3, 8, 8), 0.5)
+    enc.eval()
+    assert torch.equal(enc.jitter(img), img)  # eval: untouched
+    enc.train()
+    torch.manual_seed(0)
+    out = enc.jitter(img)
+    gain = out[:, 0, 0, 0] / 0.5  # brightness only: one factor per image, the same on every pixel
+    assert torch.allclose(out, out[:, :1, :1, :1].expand_as(out))
+    assert gain.min() >= 0.7 - 1e-6 and gain.max() <= 1.3 + 1e-6
+    assert gain.std() > 0.1  # a factor per image, not one per batch
+    # saturation 0 would leave a grey image grey and a colour image's grey level unchanged
+    sat = encoder((0.0, 0.0, 0.5))
+    sat.train()
+    colour = torch.rand(16, 3, 8, 8)
+    grey = lambda x: 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]  # noqa: E731
+    out = sat.jitter(colour)
+    inside = (out > 0) & (out < 1)  # where nothing was clamped
+    assert torch.allclose(grey(out)[inside.all(1)], grey(colour)[inside.all(1)], atol=1e-5)
+    assert not torch.allclose(out, colour)
+    off = encoder()
+    off.train()
+    assert torch.equal(off.jitter(colour), colour)  # the default: no jitter
+
+
+def test_colour_jitter_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="color_jitter"):
+        CarpConfig(encoder=EncoderConfig(kind="visual", cameras=("wrist",), color_jitter=(1.5, 0.0, 0.0)))
+
+
 @pytest.mark.parametrize(
     ("kind", "mutate", "message"),
     [

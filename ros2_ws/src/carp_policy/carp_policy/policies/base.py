@@ -41,6 +41,10 @@ class EncoderConfig:
     cameras: tuple[str, ...] = ()  # visual only, e.g. ("wrist", "scene")
     image_size: tuple[int, int] = (120, 160)  # (H, W) of incoming frames
     crop_size: tuple[int, int] = (108, 144)  # random crop in training, center crop at eval
+    # Colour jitter in training, per image: brightness, contrast and saturation each scaled by a
+    # uniform factor in [1 - j, 1 + j] (torchvision ColorJitter's ranges). Counters a policy that keys
+    # on the twin's exact colours and lighting, which a real camera will not reproduce. 0 = off.
+    color_jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)
     resnet_width: int = 32  # channels of the first ResNet stage (64 = torchvision's full width)
     keypoints: int = 32  # spatial-softmax keypoints per camera
     pretrained_path: str | None = None  # optional trunk state dict (full width only); never required
@@ -171,6 +175,11 @@ class PolicyConfig:
             raise ValueError(f"encoder.kind must be 'state' or 'visual', got {enc.kind!r}")
         if enc.kind == "visual" and not enc.cameras:
             raise ValueError("a visual encoder needs at least one camera in encoder.cameras")
+        if len(enc.color_jitter) != 3 or not all(0.0 <= j < 1.0 for j in enc.color_jitter):
+            raise ValueError(
+                "encoder.color_jitter is [brightness, contrast, saturation], each in [0, 1), "
+                f"got {list(enc.color_jitter)}"
+            )
         if self.dt <= 0:
             raise ValueError(f"dt must be > 0 (seconds), got {self.dt}")
         if not 1 <= self.execute_steps <= self.horizon:
