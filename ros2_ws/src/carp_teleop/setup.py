@@ -18,6 +18,11 @@ setup(
     description="SpaceMouse reader, teleoperation node and demonstration recorder node.",
     license="Apache-2.0",
     entry_points={
-        "console_scripts": ["carp-record = carp_teleop.record:main"],
+        "console_scripts": [
+            "carp-record = carp_teleop.record:main",
+            "spacemouse_node = carp_teleop.nodes:spacemouse_main",
+            "teleop_node = carp_teleop.nodes:teleop_main",
+            "recorder_node = carp_teleop.nodes:recorder_main",
+        ],
     },
 )

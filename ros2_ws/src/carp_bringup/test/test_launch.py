@@ -12,7 +12,7 @@ import pytest
 from carp_bringup import nodeset
 from carp_bringup.launcher import node_command
 
-SHIPPED = ("cup_task", "bowl_task")
+SHIPPED = ("cup_task", "bowl_task", "teleop_record")
 
 
 @pytest.mark.parametrize("name", SHIPPED)

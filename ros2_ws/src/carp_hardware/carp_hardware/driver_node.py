@@ -1,11 +1,14 @@
 """``ur5e_driver_node``: the rclpy shell around the driver core (``carp_hardware.driver.ArmDriver``).
 
-Subscribes ``/policy/action_chunk`` (trajectory_msgs/MultiDOFJointTrajectory; docs/design.md) and
-``/ur5e/twist_cmd`` (geometry_msgs/TwistStamped, teleoperation). Publishes ``/ur5e/joint_states``,
-``/ur5e/tcp_pose`` (PoseStamped, base frame), ``/gripper/joint_states`` (position[0] = opening, m)
-and ``/diagnostics`` (the driver's state, refusals, stops and faults by reason, observation age,
-inference time, chunk lead, tracking error). Services (std_srvs/Trigger): ``/ur5e/enable``,
-``/ur5e/stop``, ``/ur5e/home``, ``/ur5e/acknowledge``.
+Subscribes ``/policy/action_chunk`` (trajectory_msgs/MultiDOFJointTrajectory; docs/design.md),
+``/ur5e/pose_cmd`` (a one-point trajectory in the chunk's layout: the teleop node's TCP + gripper
+target, reached one control period after it arrives) and ``/ur5e/twist_cmd``
+(geometry_msgs/TwistStamped). Publishes ``/ur5e/joint_states``, ``/ur5e/tcp_pose`` (PoseStamped,
+base frame), ``/gripper/joint_states`` (position[0] = opening, m), ``/ur5e/refusals``
+(std_msgs/String: why a command was refused, as it happens; the teleop node restarts its target
+from the measured pose on one) and ``/diagnostics`` (the driver's state, refusals, stops and faults
+by reason, observation age, inference time, chunk lead, tracking error). Services
+(std_srvs/Trigger): ``/ur5e/enable``, ``/ur5e/stop``, ``/ur5e/home``, ``/ur5e/acknowledge``.
 
 ``backend:=rtde`` drives the UR5e through ur_rtde and the Robotiq 2F-85 through its URCap socket.
 ``backend:=sim`` drives the MuJoCo twin paced to the wall clock, and, since the twin's cameras and
@@ -45,7 +48,14 @@ from trajectory_msgs.msg import MultiDOFJointTrajectory
 
 from carp_hardware.driver import EpochClock
 from carp_hardware.kinematics import JOINT_NAMES
-from carp_policy.messages import Periodic, chunk_from_msg, pose_to_msg, spin_node, time_to_msg
+from carp_policy.messages import (
+    Periodic,
+    chunk_from_msg,
+    pose_to_msg,
+    spin_node,
+    target_from_msg,
+    time_to_msg,
+)
 
 
 class DriverNode(Node):
@@ -148,7 +158,9 @@ class DriverNode(Node):
         self.pub_tcp = self.create_publisher(PoseStamped, "/ur5e/tcp_pose", 10)
         self.pub_grip = self.create_publisher(JointState, "/gripper/joint_states", 10)
         self.pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.pub_refusal = self.create_publisher(String, "/ur5e/refusals", 10)
         self.create_subscription(MultiDOFJointTrajectory, "/policy/action_chunk", self._on_chunk, 10)
+        self.create_subscription(MultiDOFJointTrajectory, "/ur5e/pose_cmd", self._on_pose_cmd, 10)
         self.create_subscription(TwistStamped, "/ur5e/twist_cmd", self._on_twist, 10)
         for name, fn in (("enable", self._srv_enable), ("stop", self._srv_stop), ("home", self._srv_home),
                          ("acknowledge", self._srv_ack)):  # fmt: skip
@@ -180,15 +192,28 @@ class DriverNode(Node):
         except ValueError as e:  # malformed: never reaches the arm
             self.get_logger().warning(f"chunk refused: {e}", throttle_duration_sec=1.0)
             return
-        result = self.driver.submit_chunk(chunk)
-        if not result.accepted and result.refusal is not None:
-            self.get_logger().warning(f"chunk refused: {result.refusal.message}", throttle_duration_sec=1.0)
+        self._report("chunk", self.driver.submit_chunk(chunk))
+
+    def _on_pose_cmd(self, msg) -> None:
+        try:
+            target, _sent = target_from_msg(msg)
+        except ValueError as e:
+            self._refused("pose command", f"malformed: {e}")
+            return
+        # timed by the driver (now + pose_lead_s): the sender's clock and DDS's delay do not enter
+        self._report("pose command", self.driver.command_pose(target))
 
     def _on_twist(self, msg) -> None:
         t, a = msg.twist.linear, msg.twist.angular
-        result = self.driver.command_twist(np.array([t.x, t.y, t.z, a.x, a.y, a.z]))
+        self._report("twist", self.driver.command_twist(np.array([t.x, t.y, t.z, a.x, a.y, a.z])))
+
+    def _report(self, what: str, result) -> None:
         if not result.accepted and result.refusal is not None:
-            self.get_logger().warning(f"twist refused: {result.refusal.message}", throttle_duration_sec=1.0)
+            self._refused(what, result.refusal.message)
+
+    def _refused(self, what: str, why: str) -> None:
+        self.pub_refusal.publish(String(data=f"{what} refused: {why}"))
+        self.get_logger().warning(f"{what} refused: {why}", throttle_duration_sec=1.0)
 
     def _trigger(self, fn, response, done: str):
         try:

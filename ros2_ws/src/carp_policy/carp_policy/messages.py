@@ -9,7 +9,10 @@ Standard messages only (custom .msg packages would need a cmake build):
 - TCP pose (4, 4) <-> ``geometry_msgs/PoseStamped`` in the base frame, quaternion (x, y, z, w);
 - camera frame (H, W, 3) uint8 <-> ``sensor_msgs/Image``, encoding ``rgb8``;
 - capture time, s <-> ``builtin_interfaces/Time``, through integer nanoseconds, so a wall-clock
-  time keeps its nanoseconds.
+  time keeps its nanoseconds;
+- a teleop target (one 10-number action) <-> a one-point ``MultiDOFJointTrajectory`` in the chunk's
+  layout (``/ur5e/pose_cmd``), stamped with the time it was sent;
+- SpaceMouse readings (six axes in [-1, 1], buttons) <-> ``sensor_msgs/Joy``.
 
 A malformed message raises ``ValueError`` naming what is wrong; the receiving node logs it, counts
 it and drops the message (it never reaches the arm).
@@ -24,7 +27,7 @@ import numpy as np
 from builtin_interfaces.msg import Duration, Time
 from geometry_msgs.msg import PoseStamped, Transform
 from scipy.spatial.transform import Rotation
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, Joy
 from trajectory_msgs.msg import MultiDOFJointTrajectory, MultiDOFJointTrajectoryPoint
 
 from carp_policy.actions import ACTION_DIM, GRIPPER, POS, ROT6D, ActionChunk, matrix_to_rot6d
@@ -173,6 +176,40 @@ def image_from_msg(msg: Image) -> tuple[np.ndarray, float]:
     return np.ascontiguousarray(arr), time_from_msg(msg.header.stamp)
 
 
+def target_to_msg(action: np.ndarray, t: float, lead_s: float = 0.1) -> MultiDOFJointTrajectory:
+    """A teleop target (10,) sent at time t, meant for ``t + lead_s`` -> a one-point trajectory."""
+    return chunk_to_msg(ActionChunk(np.asarray(action, np.float64)[None], timestamp=t, dt=lead_s))
+
+
+def target_from_msg(msg: MultiDOFJointTrajectory) -> tuple[np.ndarray, float]:
+    """One-point trajectory -> (target (10,), send time s); refuses a chunk of more than one step."""
+    if len(msg.points) != 1:
+        raise ValueError(f"a pose command has exactly one point, got {len(msg.points)}")
+    chunk = chunk_from_msg(msg)
+    return chunk.actions[0], chunk.timestamp
+
+
+def joy_to_msg(axes: np.ndarray, buttons: tuple[int, ...], t: float, frame_id: str = "spacemouse") -> Joy:
+    """Six axes in [-1, 1] and the held buttons, read at time t -> sensor_msgs/Joy."""
+    axes = np.asarray(axes, np.float64)
+    if axes.shape != (6,) or not np.all(np.isfinite(axes)):
+        raise ValueError(f"a SpaceMouse reading has 6 finite axes, got {axes.tolist()}")
+    msg = Joy()
+    msg.header.stamp = time_to_msg(t)
+    msg.header.frame_id = frame_id
+    msg.axes = [float(a) for a in axes]
+    msg.buttons = [int(b) for b in buttons]
+    return msg
+
+
+def joy_from_msg(msg: Joy) -> tuple[np.ndarray, tuple[int, ...], float]:
+    """sensor_msgs/Joy -> (axes (6,), buttons, time s); refuses another axis count or NaN."""
+    axes = np.asarray(msg.axes, np.float64)
+    if axes.shape != (6,) or not np.all(np.isfinite(axes)):
+        raise ValueError(f"a SpaceMouse Joy message has 6 finite axes, got {axes.tolist()}")
+    return axes, tuple(int(b) for b in msg.buttons), time_from_msg(msg.header.stamp)
+
+
 def state_vector(pose: np.ndarray, gripper: float) -> np.ndarray:
     """TCP pose (4, 4) + gripper opening -> the 10-number state vector (see carp_policy.actions)."""
     return np.concatenate([pose[:3, 3], matrix_to_rot6d(pose[:3, :3]), [gripper]])
@@ -184,9 +221,13 @@ __all__ = [
     "chunk_to_msg",
     "image_from_msg",
     "image_to_msg",
+    "joy_from_msg",
+    "joy_to_msg",
     "pose_from_msg",
     "pose_to_msg",
     "state_vector",
+    "target_from_msg",
+    "target_to_msg",
     "time_from_msg",
     "time_ns_from_msg",
     "time_to_msg",
@@ -246,6 +287,7 @@ def spin_node(make_node, prog: str, argv: list[str] | None = None) -> int:
     refuses (a bad model, parameter, device or connection: ValueError, FileNotFoundError,
     RuntimeError, ConnectionError) is one line ``prog: error: ...`` on stderr and exit code 2, as for
     every ``carp-*`` command; the node is always destroyed and rclpy shut down."""
+    import signal
     import sys
 
     import rclpy
@@ -275,6 +317,10 @@ def spin_node(make_node, prog: str, argv: list[str] | None = None) -> int:
                 print(f"{prog}: error: {e}", file=sys.stderr)
                 return 2
     finally:
+        # stopping (the arm stopped, a dataset closed) must not be cut short by the second SIGINT
+        # that a launch or an impatient Ctrl-C sends: seen as a KeyboardInterrupt inside destroy_node
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         if node is not None:
             node.destroy_node()
         if rclpy.ok():

@@ -100,6 +100,28 @@ def test_pose_and_image_round_trip_and_refusals():
         image_to_msg(img.astype(np.float32), 0.0, "wrist")
 
 
+def test_teleop_target_and_spacemouse_joy_round_trip_and_refusals():
+    from carp_policy.messages import joy_from_msg, joy_to_msg, target_from_msg, target_to_msg
+
+    a = np.r_[0.4, -0.1, 0.3, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.042]
+    back, t = target_from_msg(target_to_msg(a, 1796.25))
+    np.testing.assert_allclose(back, a, atol=1e-9)
+    assert t == 1796.25
+    two = target_to_msg(a, 1.0)
+    two.points.append(two.points[0])
+    with pytest.raises(ValueError, match="exactly one point"):
+        target_from_msg(two)
+    axes, buttons, t = joy_from_msg(joy_to_msg(np.array([0.5, 0, -1, 0, 0.25, 0]), (1, 0), 12.5))
+    np.testing.assert_allclose(axes, [0.5, 0, -1, 0, 0.25, 0], atol=1e-7)  # Joy axes are float32
+    assert buttons == (1, 0) and t == 12.5
+    with pytest.raises(ValueError, match="6 finite axes"):
+        joy_to_msg(np.array([np.nan, 0, 0, 0, 0, 0]), (), 0.0)
+    bad = joy_to_msg(np.zeros(6), (), 0.0)
+    bad.axes = [0.0] * 3
+    with pytest.raises(ValueError, match="6 finite axes"):
+        joy_from_msg(bad)
+
+
 def test_a_chunk_crosses_real_dds_between_two_nodes():
     """rclpy over Fast DDS on localhost: what the policy node publishes is what the driver reads."""
     os.environ.setdefault("RMW_IMPLEMENTATION", "rmw_fastrtps_cpp")

@@ -101,14 +101,14 @@ def _policy(args) -> tuple:
     return load_policy(args.policy, device="cpu"), {"policy": args.policy}
 
 
-def _writer(args, cfg: RecorderConfig, env_state_names=None):
+def make_writer(out: Path, cfg: RecorderConfig, env_state_names=None):
     """The dataset writer, the twin's and the cell's alike (the collector's state and action names;
     the twin also records its scene state)."""
     from carp_policy.actions import ACTION_NAMES, STATE_NAMES
     from carp_policy.dataset import DatasetWriter
 
     return DatasetWriter(
-        args.out,
+        out,
         fps=cfg.fps,
         cameras={c: tuple(cfg.image_size) for c in cfg.cameras},
         state_names=STATE_NAMES,
@@ -152,7 +152,7 @@ def record_sim(args, cfg: RecorderConfig) -> dict:
         operator.reset(seed[0])
     policy, meta_policy = _policy(args)
     cams = {c: SimCamera(c, env.model, env.data, lock, size=tuple(cfg.image_size)) for c in cfg.cameras}
-    writer = _writer(args, cfg, ENV_STATE_NAMES)
+    writer = make_writer(args.out, cfg, ENV_STATE_NAMES)
 
     def next_scene() -> dict:
         seed[0] += 1
@@ -256,7 +256,7 @@ def record_cell(args, cfg: RecorderConfig, *, rtde_factories: tuple | None = Non
         for cam in cams.values():
             cam.start()
             opened.append(cam.stop)
-        writer = _writer(args, cfg)
+        writer = make_writer(args.out, cfg)
         opened.append(writer.close)
         meta = {
             "task": args.task,
