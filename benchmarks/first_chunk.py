@@ -11,7 +11,8 @@ same observation. Reported per policy: the xy error of the chunk's last step (wh
 mean position error over the chunk, in mm. With --data it also reports how far each evaluation
 object is from the nearest demonstrated one, and what always aiming at the mean demonstrated object
 position would score: the scale against which "uses the object position" can be read.
-Writes JSON with the machine and the commit. Needs mujoco (the twin), no GPU.
+Visual policies get the twin's camera renders of each layout. Writes JSON with the machine and the
+commit. Needs mujoco (the twin), no GPU.
 """
 
 from __future__ import annotations
@@ -54,7 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     from carp_sim.env import SimCell, SimConfig
     from carp_sim.expert import make_expert
 
-    cell = SimCell(task=args.task, config=SimConfig(cameras=(), render=False))
+    policies = [(item.rpartition("=")[0], item.rpartition("=")[2]) for item in args.policy]
+    policies = [(label, spec, load_policy(spec)) for label, spec in policies]
+    # a visual policy needs the twin's camera renders; a state policy reads none
+    visual = any(pol.cameras for _, _, pol in policies)
+    cell = SimCell(task=args.task, config=SimConfig() if visual else SimConfig(cameras=(), render=False))
     seeds = range(args.seed, args.seed + args.layouts)
     expert, objects = [], []
     for s in seeds:
@@ -64,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     objects = np.array(objects)
     result: dict = {"machine": machine.machine_info(), "task": args.task, "seeds": list(seeds)}
     result["policies"] = {}
-    for item in args.policy:
-        label, _, spec = item.rpartition("=")
-        policy = load_policy(spec)
+    for label, spec, policy in policies:
         aim, mean = [], []
         for s, ref in zip(seeds, expert):
             history = ObservationHistory(policy.obs_horizon)
