@@ -10,8 +10,6 @@ leaves the arm stopped by the driver's watchdog.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -23,33 +21,13 @@ rclpy = pytest.importorskip("rclpy")
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp_path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(ROS_DOMAIN_ID=str(1 + (os.getpid() + 71) % 100), ROS_HOME=str(tmp_path / "ros"),
-               ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", RMW_IMPLEMENTATION="rmw_fastrtps_cpp")  # fmt: skip
-    return env
-
-
 def _node(module: str, env: dict, *params: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", module, "--ros-args", *[x for p in params for x in ("-p", p)]]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out or ""
-
-
-def test_cup_task_through_ros_topics_and_the_watchdog_when_the_policy_dies(tmp_path):
-    env = _env(tmp_path)
-    for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "RMW_IMPLEMENTATION"):
-        os.environ[k] = env[k]
+def test_cup_task_through_ros_topics_and_the_watchdog_when_the_policy_dies(ros_env, stop):
+    env = ros_env
     from diagnostic_msgs.msg import DiagnosticArray
     from geometry_msgs.msg import PoseStamped
     from rclpy.executors import SingleThreadedExecutor
@@ -82,21 +60,21 @@ def test_cup_task_through_ros_topics_and_the_watchdog_when_the_policy_dies(tmp_p
     ex.add_node(node)
     outs: dict[str, str] = {}
     try:
-        _closed_loop_then_watchdog(ex, driver, policy, tcp, env_state, diag, outs)
+        _closed_loop_then_watchdog(ex, driver, policy, tcp, env_state, diag, outs, stop)
     except AssertionError as e:  # say what the nodes said
         nodes = (("driver", driver), ("policy", policy))
-        logs = {name: _stop(p)[-3000:] for name, p in nodes if p.poll() is None}
+        logs = {name: stop(p)[-3000:] for name, p in nodes if p.poll() is None}
         raise AssertionError(f"{e}\n" + "\n".join(f"--- {k}:\n{v}" for k, v in logs.items())) from None
     finally:
-        outs["driver"] = outs.get("driver") or _stop(driver)
+        outs["driver"] = outs.get("driver") or stop(driver)
         if policy.poll() is None:
-            outs["policy"] = _stop(policy)
+            outs["policy"] = stop(policy)
         node.destroy_node()
         rclpy.shutdown(context=ctx)
     assert driver.returncode == 0, outs["driver"]
 
 
-def _closed_loop_then_watchdog(ex, driver, policy, tcp, env_state, diag, outs) -> None:
+def _closed_loop_then_watchdog(ex, driver, policy, tcp, env_state, diag, outs, stop) -> None:
     """1. the loop closes; 2. a killed policy node leaves the arm stopped by the watchdog."""
     # 1. the loop closes: chunks accepted and the TCP comes within 3 cm (xy) of the cup
     deadline, start, closest = time.monotonic() + 90.0, None, np.inf
@@ -114,7 +92,7 @@ def _closed_loop_then_watchdog(ex, driver, policy, tcp, env_state, diag, outs) -
     # 2. the policy node dies: no more chunks, the driver's watchdog stops the arm
     stops_before = diag.get("stops", {}).get("watchdog", 0)
     policy.kill()
-    outs["policy"] = _stop(policy)
+    outs["policy"] = stop(policy)
     t_kill, stopped = time.monotonic(), False
     while time.monotonic() < t_kill + 10.0:
         ex.spin_once(timeout_sec=0.05)

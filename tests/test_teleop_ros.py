@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -24,16 +23,6 @@ rclpy = pytest.importorskip("rclpy")
 pytestmark = pytest.mark.slow
 
 
-def _env(tmp_path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(ROS_DOMAIN_ID=str(1 + (os.getpid() + 37) % 100), ROS_HOME=str(tmp_path / "ros"),
-               ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", RMW_IMPLEMENTATION="rmw_fastrtps_cpp",
-               OMP_NUM_THREADS="1", MUJOCO_GL=os.environ.get("MUJOCO_GL", "egl"))  # fmt: skip
-    for k in ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "RMW_IMPLEMENTATION"):
-        os.environ[k] = env[k]
-    return env
-
-
 def _episodes(data) -> int:
     info = data / "meta" / "info.json"
     return int(json.loads(info.read_text()).get("total_episodes", 0)) if info.exists() else 0
@@ -41,17 +30,6 @@ def _episodes(data) -> int:
 
 def _start(cmd: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _stop(proc: subprocess.Popen) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    try:
-        out, _ = proc.communicate(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out or ""
 
 
 class _Observer:
@@ -90,7 +68,7 @@ class _Observer:
         rclpy.shutdown(context=self.ctx)
 
 
-def test_spacemouse_node_publishes_the_devices_readings_as_joy(tmp_path):
+def test_spacemouse_node_publishes_the_devices_readings_as_joy(tmp_path, ros_env, stop):
     from sensor_msgs.msg import Joy
 
     from carp_bringup import nodeset
@@ -100,7 +78,7 @@ def test_spacemouse_node_publishes_the_devices_readings_as_joy(tmp_path):
     script.write_text(
         json.dumps([[3.0, [0.5, 0, -0.25, 0, 0, 0.75], [1, 0]], [60.0, [0, 0, 0, 0, 0, 0], [0, 0]]])
     )
-    env = _env(tmp_path)
+    env = {**ros_env, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     ns = nodeset.load("teleop_record")
     values = ns.resolve({"spacemouse": "fake_hid", "spacemouse_script": str(script), "operator": "t"})
     node = next(n for n in ns.active_nodes(values) if n.name == "spacemouse_node")
@@ -113,7 +91,7 @@ def test_spacemouse_node_publishes_the_devices_readings_as_joy(tmp_path):
     try:
         got = obs.spin(60.0, until=lambda: any(a.any() for a, _ in joys) and not joys[-1][0].any())
     finally:
-        out = _stop(proc)
+        out = stop(proc)
         obs.close()
     assert got and proc.returncode == 0, out[-3000:]
     first = [(a, b) for a, b in joys if a.any()]
@@ -124,7 +102,7 @@ def test_spacemouse_node_publishes_the_devices_readings_as_joy(tmp_path):
     assert not joys[-1][0].any() and joys[-1][1][:2] == (0, 0)
 
 
-def test_teleop_and_recorder_nodes_record_an_episode_from_the_spacemouse(tmp_path):
+def test_teleop_and_recorder_nodes_record_an_episode_from_the_spacemouse(tmp_path, ros_env, stop):
     from geometry_msgs.msg import PoseStamped
     from sensor_msgs.msg import Joy
     from std_msgs.msg import String
@@ -142,7 +120,7 @@ def test_teleop_and_recorder_nodes_record_an_episode_from_the_spacemouse(tmp_pat
         tmp_path / "recorder.yaml"
     )  # a loaded CI machine delivers frames late: the carp-record test's bounds
     config.write_text("max_frame_age: 0.4\nmax_skew: 0.4\n")
-    env = _env(tmp_path)
+    env = {**ros_env, "OMP_NUM_THREADS": "1", "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
     ns = nodeset.load("teleop_record")
     values = ns.resolve({"use_sim": "true", "out": str(data), "operator": "tester", "seed": "3",
                          "sim_camera_fps": "15.0", "config": str(config)})  # fmt: skip
@@ -178,6 +156,10 @@ def test_teleop_and_recorder_nodes_record_an_episode_from_the_spacemouse(tmp_pat
             res = obs.call(start)
             assert all(p.poll() is None for p in procs.values()), "a node died"
         assert res is not None and res.success, f"/recorder/start never succeeded: {res and res.message}"
+        # the test's own subscriptions may match after the recorder's: wait for both streams here
+        assert obs.spin(10.0, until=lambda: tcp and cmds, every=device(np.zeros(6))), (
+            f"the test saw {len(tcp)} TCP poses and {len(cmds)} pose commands"
+        )
         # 2. the operator pushes +y for 2 s, lets go, and clicks the record button: saved
         y0 = tcp[-1]
         obs.spin(2.0, every=device([0, 0.6, 0, 0, 0, 0]))
@@ -205,10 +187,10 @@ def test_teleop_and_recorder_nodes_record_an_episode_from_the_spacemouse(tmp_pat
         r = obs.call(save)
         assert not r.success and r.message == "not recording"
     except AssertionError as e:
-        logs = {k: _stop(p)[-2500:] for k, p in procs.items()}
+        logs = {k: stop(p)[-2500:] for k, p in procs.items()}
         raise AssertionError(f"{e}\n" + "\n".join(f"--- {k}:\n{v}" for k, v in logs.items())) from None
     finally:
-        logs = logs or {k: _stop(p) for k, p in procs.items()}
+        logs = logs or {k: stop(p) for k, p in procs.items()}
         obs.close()
     assert all(p.returncode == 0 for p in procs.values()), {k: v[-2000:] for k, v in logs.items()}
     report = validate_dataset(data)

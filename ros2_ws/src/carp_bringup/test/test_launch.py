@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,14 +68,7 @@ def test_launch_files_build_under_the_real_launch_library():
         assert len([e for e in ld.entities if isinstance(e, Node)]) == len(nodeset.load(name).nodes)
 
 
-def _ros_env(tmp_path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(ROS_DOMAIN_ID=str(1 + (os.getpid() + 53) % 100), ROS_HOME=str(tmp_path / "ros"),
-               ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", RMW_IMPLEMENTATION="rmw_fastrtps_cpp")  # fmt: skip
-    return env
-
-
-def test_carp_launch_stops_every_node_when_one_fails(tmp_path):
+def test_carp_launch_stops_every_node_when_one_fails(tmp_path, ros_env):
     """A node that dies (here: a model that does not exist) brings the set down with its exit code."""
     ns = tmp_path / "two.yaml"
     ns.write_text(
@@ -87,21 +79,21 @@ def test_carp_launch_stops_every_node_when_one_fails(tmp_path):
     )
     out = subprocess.run(
         [sys.executable, "-m", "carp_bringup.launcher", str(ns), "model:=/no/such/model"],
-        env=_ros_env(tmp_path), capture_output=True, text=True, timeout=120,
+        env=ros_env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert out.returncode == 2, out.stdout + out.stderr
     assert "[bad] policy_node: error: no policy at '/no/such/model'" in out.stdout, out.stdout
     assert "bad exited with code 2; stopping the rest" in out.stdout
 
 
-def test_carp_launch_exits_cleanly_on_ctrl_c(tmp_path):
+def test_carp_launch_exits_cleanly_on_ctrl_c(tmp_path, ros_env):
     """Ctrl-C (SIGINT) stops every node and carp-launch exits 0."""
     import signal
     import time
 
     ns = tmp_path / "one.yaml"
     ns.write_text("nodes:\n  - {name: policy_node, package: carp_policy, executable: policy_node}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "carp_bringup.launcher", str(ns)], env=_ros_env(tmp_path),
+    proc = subprocess.Popen([sys.executable, "-m", "carp_bringup.launcher", str(ns)], env=ros_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     lines, deadline = [], time.monotonic() + 120.0
     try:
@@ -119,13 +111,13 @@ def test_carp_launch_exits_cleanly_on_ctrl_c(tmp_path):
     assert "did not stop" not in rest
 
 
-def test_ros2_launch_cli_finds_the_launch_files_and_their_arguments(tmp_path):
+def test_ros2_launch_cli_finds_the_launch_files_and_their_arguments(ros_env):
     """The real `ros2 launch` (where ../shared/ros2-launch installed it) resolves the package's share
     directory from the venv's ament layout and lists every declared argument."""
     ros2 = Path(sys.executable).parent / "ros2"
     if not ros2.exists():
         pytest.skip("no ros2 CLI in this venv (../shared/ros2-launch not present)")
-    env = _ros_env(tmp_path)
+    env = dict(ros_env)
     env["AMENT_PREFIX_PATH"] = str(Path(sys.executable).parents[1])
     for name in SHIPPED:
         out = subprocess.run([str(ros2), "launch", "carp_bringup", f"{name}.launch.py", "--show-args"],

@@ -34,13 +34,8 @@ def _alive(pid: int) -> bool:
         return f.read().split(")")[-1].split()[0] != "Z"
 
 
-def test_driver_node_streams_chunks_through_its_servo_process(tmp_path) -> None:
-    env = dict(os.environ)
-    env.update(ROS_DOMAIN_ID=str(1 + (os.getpid() + 89) % 100), ROS_HOME=str(tmp_path / "ros"),
-               ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST", RMW_IMPLEMENTATION="rmw_fastrtps_cpp")  # fmt: skip
-    keys = ("ROS_DOMAIN_ID", "ROS_AUTOMATIC_DISCOVERY_RANGE", "RMW_IMPLEMENTATION")
-    old = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: env[k] for k in old})
+def test_driver_node_streams_chunks_through_its_servo_process(ros_env) -> None:
+    env = ros_env
     from geometry_msgs.msg import PoseStamped
     from rclpy.executors import SingleThreadedExecutor
     from std_srvs.srv import Trigger
@@ -99,8 +94,3 @@ def test_driver_node_streams_chunks_through_its_servo_process(tmp_path) -> None:
             node_proc.kill()
         node.destroy_node()
         rclpy.shutdown(context=ctx)
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,26 +12,7 @@ import pytest
 rclpy = pytest.importorskip("rclpy")
 
 
-@pytest.fixture()
-def ros_env(tmp_path):
-    env = dict(os.environ)
-    env.update(
-        RMW_IMPLEMENTATION="rmw_fastrtps_cpp",
-        ROS_AUTOMATIC_DISCOVERY_RANGE="LOCALHOST",
-        ROS_DOMAIN_ID=str(1 + (os.getpid() + 37) % 100),
-        ROS_HOME=str(tmp_path / "ros"),
-    )
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield env
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def test_policy_node_publishes_stamped_chunks_and_refuses_stale_state(ros_env):
+def test_policy_node_publishes_stamped_chunks_and_refuses_stale_state(ros_env, stop):
     from geometry_msgs.msg import PoseStamped
     from rclpy.executors import SingleThreadedExecutor
     from sensor_msgs.msg import JointState
@@ -92,12 +71,7 @@ def test_policy_node_publishes_stamped_chunks_and_refuses_stale_state(ros_env):
         assert len(chunks) == late, "chunks kept coming from stale state"
         assert late - n <= 3
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            out, _ = proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            out, _ = proc.communicate()
+        out = stop(proc, timeout=15)
         node.destroy_node()
         rclpy.shutdown(context=ctx)
     assert proc.returncode == 0, out

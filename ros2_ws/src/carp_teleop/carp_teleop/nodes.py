@@ -49,6 +49,7 @@ from carp_policy.messages import (
     joy_to_msg,
     pose_from_msg,
     spin_node,
+    state_vector,
     target_from_msg,
     target_to_msg,
     time_from_msg,
@@ -144,8 +145,6 @@ class TopicArm:
 
     def command(self, pose: np.ndarray, gripper: float, t: float) -> str | None:
         """Send the target; the driver node checks it and reports a refusal on /ur5e/refusals."""
-        from carp_policy.messages import state_vector
-
         self._publish(target_to_msg(state_vector(pose, gripper), t))
         return None
 
