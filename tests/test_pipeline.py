@@ -68,11 +68,12 @@ def demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "config, family",
-    [("state_env", "carp"), ("diffusion_state_env", "diffusion")],
+    [("state_env", "carp"), ("diffusion_state_env", "diffusion"), ("coa_state_env", "coa")],
 )
 def test_collect_train_export_evaluate_end_to_end(demos: Path, tmp_path: Path, config: str, family: str):
     """The whole pipeline through its command-line tools on a tiny budget (plumbing, not skill), for
-    CARP and the DP-C baseline on robot + environment state, evaluated through their ONNX graphs."""
+    CARP, Chain-of-Action and the DP-C baseline on robot + environment state, evaluated through
+    their ONNX graphs."""
     run_dir, model, out = tmp_path / "run", tmp_path / "model", tmp_path / "eval"
     # the published 67M-parameter DP-C U-Net is too slow for a 2-core CI: shrink it with --set
     shrink = ["--set", "unet.down_dims=[32, 64, 128]", "--set", "unet.step_embed_dim=32"]
@@ -83,6 +84,9 @@ def test_collect_train_export_evaluate_end_to_end(demos: Path, tmp_path: Path, c
     )  # fmt: skip
     if family == "diffusion":
         assert yaml.safe_load((run_dir / "config.yaml").read_text())["unet"]["down_dims"] == [32, 64, 128]
+    if family == "coa":  # one stage, trained on the 32-step windows to each keyframe
+        assert not (run_dir / "tokenizer.safetensors").exists()
+        assert "chain_len" in (run_dir / "loss_policy.csv").read_text().splitlines()[0]
     _run("carp-export", "--run", str(run_dir), "--out", str(model))
     manifest = json.loads((model / "manifest.json").read_text())
     assert manifest["family"] == family and manifest["parity"]["passed"]

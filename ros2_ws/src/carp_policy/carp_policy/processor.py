@@ -30,6 +30,9 @@ class EncodedObservations:
     state: np.ndarray  # (B, O, S + E) float32: the policy's frame, normalised
     images: dict[str, np.ndarray]  # camera -> (B, O, H, W, 3) uint8
     state_now: np.ndarray  # (B, S + E) float64 physical state at the decision time (relative frames)
+    # (B, 10) float32: the current TCP pose and gripper as a normalised action in the policy's frame
+    # (where a chain decoded back from its keyframe must arrive: Chain-of-Action's stop rule)
+    action_now: np.ndarray | None = None
 
 
 class PolicyProcessor:
@@ -59,7 +62,9 @@ class PolicyProcessor:
         ]
         state = np.stack([r[0] for r in rows])  # (B, O, S + E) float64
         images = {c: np.stack([r[1][c] for r in rows]) for c in self.cameras}
-        return EncodedObservations(self.normalizer.normalize_state(state), images, state[:, -1])
+        now = state[:, -1]
+        here = self.normalizer.normalize_action(now[:, None, : len(ACTION_NAMES)], now)[:, 0]
+        return EncodedObservations(self.normalizer.normalize_state(state), images, now, here)
 
     def decode(self, actions: np.ndarray, state_now: np.ndarray) -> np.ndarray:
         """(H, D) normalised network output -> (H, D) physical actions, rot6d re-orthonormalised.

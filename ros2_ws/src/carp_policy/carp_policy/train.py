@@ -77,7 +77,7 @@ def open_dataset(
     if len(ds) < 2:
         raise ValueError(f"dataset {spec} has {len(ds)} episode(s); need at least 2 (train + validation)")
     train_idx, val_idx = split_episodes(len(ds), val_fraction=cfg.train.val_fraction, seed=seed)
-    H = cfg.horizon
+    H = cfg.window  # the chunk, or a family's longer span (policies/base.py)
     train = windows(ds, train_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     val = windows(ds, val_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     actions_only = windows(ds, train_idx, obs_horizon=1, action_horizon=H, cameras=[])
@@ -114,6 +114,8 @@ class BatchNormalizer:
             action[..., :2] += d
         state = nz.normalize_state(raw)
         obs = {"state": state, "images": {k: v.to(self.device) for k, v in batch["images"].items()}}
+        # the current pose as a normalised action (processor.EncodedObservations.action_now)
+        obs["action_now"] = nz.normalize_action(raw[:, -1:, : action.shape[-1]], raw[:, -1])[:, 0]
         return obs, nz.normalize_action(action, raw[:, -1])
 
 
@@ -421,8 +423,9 @@ def policy_report(
         if i >= cfg.train.val_batches:
             break
         obs, actions = norm(batch)
-        preds.append(eval_model.generate(obs).float().cpu().numpy())
-        trues.append(actions.cpu().numpy())
+        pred = eval_model.generate(obs).float().cpu().numpy()  # (B, H, D)
+        preds.append(pred)
+        trues.append(actions[:, : pred.shape[1]].cpu().numpy())  # a longer window: its first H rows
     pred = normalizer.unnormalize_action(np.concatenate(preds))
     true = normalizer.unnormalize_action(np.concatenate(trues))
     return {"validation": action_errors(pred, true), "val_windows": len(pred)}

@@ -18,7 +18,7 @@ policy object, ``ChunkPolicy``), ``ensemble.py`` (the test-time shift ensemble);
 encoders (``carp_policy/encoders.py``) and the processor (``carp_policy/processor.py``).
 
 ``carp-train``, ``carp-export``, ``load_policy`` and ``carp-eval`` ask ``get_family(name)``; none
-tests for a family. A new family (e.g. Chain-of-Action) is one new package and one line below.
+tests for a family. A new family is one new package and one line below.
 """
 
 from __future__ import annotations
@@ -93,3 +93,4 @@ def load_config(path: Any, overrides: list[str] | tuple[str, ...] = ()) -> Polic
 # One line per family: its package under carp_policy/policies/ names its parts in ``FAMILY``.
 register(import_module("carp_policy.policies.carp").FAMILY)
 register(import_module("carp_policy.policies.diffusion").FAMILY)
+register(import_module("carp_policy.policies.coa").FAMILY)

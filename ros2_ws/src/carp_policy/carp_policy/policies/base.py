@@ -193,6 +193,12 @@ class PolicyConfig:
         """H, actions per chunk (each family says where it keeps it)."""
         raise NotImplementedError
 
+    @property
+    def window(self) -> int:
+        """Actions per training window (rows t..t+W-1 of frame t): the chunk, unless a family learns
+        from a longer span (Chain-of-Action: the way to the next keyframe)."""
+        return self.horizon
+
     def contract(self, state_names: list[str] | None = None) -> dict[str, Any]:
         """What a node needs to run the model: task, control period, chunk, observation layout."""
         from carp_policy.actions import STATE_NAMES

@@ -172,10 +172,13 @@ class TorchRunner:
 
     def batch_tensors(self, obs: EncodedObservations) -> dict:
         """Encoded observations -> the encoders' batch dict of tensors on the device."""
-        return {
+        batch = {
             "state": torch.from_numpy(obs.state).to(self.device),
             "images": {c: torch.from_numpy(v).to(self.device) for c, v in obs.images.items()},
         }
+        if obs.action_now is not None:
+            batch["action_now"] = torch.from_numpy(np.ascontiguousarray(obs.action_now)).to(self.device)
+        return batch
 
     def run(self, obs: EncodedObservations, **kw: Any) -> np.ndarray:
         batch = self.batch_tensors(obs)
