@@ -81,6 +81,8 @@ class TrialResult:
     latency_ms: list[float] = field(default_factory=list)
     refused: int = 0  # chunks the driver refused (the arm stopped; the loop re-planned)
     refusals: dict[str, int] = field(default_factory=dict)  # the driver's refusals by reason
+    object_xy: list[float] | None = None  # m, the object's start (the twin's layout; None on a robot)
+    target_xy: list[float] | None = None  # m, the target area / pot centre
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -152,6 +154,7 @@ def run_trial(
             if cell.done or cell.time >= cell.max_duration_s:
                 break
     outcome = cell.outcome()
+    layout = getattr(cell, "layout", None)  # the twin's: where this seed put the object and target
     if view is not None:
         said = "success" if outcome.success else "failure"
         view.event(cell.time, f"seed {seed}: {said} ({outcome.reason})", warning=not outcome.success)
@@ -165,6 +168,8 @@ def run_trial(
         latency_ms=latencies,
         refused=refused,
         refusals={k: v - before.get(k, 0) for k, v in driver.safety.refusals.items() if v > before.get(k, 0)},
+        object_xy=None if layout is None else [float(v) for v in layout.object_xy],
+        target_xy=None if layout is None else [float(v) for v in layout.target_xy],
     )
 
 
@@ -180,8 +185,12 @@ def load_policy(spec: str, device: str = "cpu", cfg: EvalConfig | None = None) -
         ensemble = EnsembleConfig(grid=cfg.ensemble_grid, radius=cfg.ensemble_radius)
     policy = _load(spec, device=device, ensemble=ensemble)
     task = policy.contract.get("task")
-    if cfg is not None and task and task != cfg.task:
-        raise ValueError(f"{spec} is a model for task {task!r}, not {cfg.task!r} (use --task {task})")
+    if cfg is not None and task:
+        from carp_sim.tasks import TaskConfig
+
+        ran = TaskConfig.load(cfg.task).name  # a variant (e.g. cup_beyond) is its task
+        if task != ran:
+            raise ValueError(f"{spec} is a model for task {task!r}, not {ran!r} (use --task {task})")
     return policy
 
 
@@ -367,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="carp-eval", description="Evaluate a policy on a task in the MuJoCo twin."
     )
-    p.add_argument("--task", default="cup", help="task name (cup, bowl)")
+    p.add_argument(
+        "--task",
+        default="cup",
+        help="task (cup, bowl), a variant (cup_beyond, bowl_beyond: carp_sim/configs) or a task YAML",
+    )
     p.add_argument(
         "--policy",
         required=True,

@@ -155,6 +155,12 @@ def test_carp_eval_refuses_a_model_for_another_task(tmp_path):
         f"carp-eval: error: {MODELS / 'cup'} is a model for task 'cup', not 'bowl' (use --task cup)"
     ]
     assert not (tmp_path / "results.json").exists()
+    # a variant of the cup task (cup_beyond: other layouts) is the cup task: the model loads for it
+    from carp_bringup.evaluate import EvalConfig, load_policy
+
+    assert load_policy(str(MODELS / "cup"), cfg=EvalConfig(task="cup_beyond")).contract["task"] == "cup"
+    with pytest.raises(ValueError, match="is a model for task 'cup', not 'bowl'"):
+        load_policy(str(MODELS / "cup"), cfg=EvalConfig(task="bowl_beyond"))
 
 
 @pytest.mark.skipif(not (MODELS / "cup" / "manifest.json").exists(), reason="no released models")

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from carp_hardware.kinematics import HOME_Q, IKError, ik_nearest, pose_matrix
-from carp_policy.yaml_config import load_yaml
+from carp_policy.yaml_config import from_dict, load_yaml
 from carp_sim.cell import (
     BOWL_APOTHEM,
     BOWL_HEIGHT,
@@ -66,15 +67,32 @@ class TaskConfig:
 
     @classmethod
     def load(cls, name_or_path: str | Path) -> TaskConfig:
-        """A task by name (``cup``, ``bowl``: the packaged YAML) or from a YAML file path."""
+        """A task by name (``cup``, ``bowl``, or a packaged variant such as ``cup_beyond``: the YAML
+        in carp_sim/configs) or from a YAML file path.
+
+        A variant names its task in ``variant_of`` and lists only what differs from it (e.g. the
+        object's range for layouts no demonstration had); it is that task, so a model made for the
+        task runs on it."""
         path = Path(name_or_path)
         if path.suffix not in (".yaml", ".yml"):
-            if str(name_or_path) not in TASKS:
-                raise ValueError(f"unknown task {name_or_path!r}; known tasks: {', '.join(TASKS)}")
             path = CONFIG_DIR / f"{name_or_path}.yaml"
+            if not path.exists():
+                known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+                raise ValueError(f"unknown task {str(name_or_path)!r}; known tasks and variants: {known}")
         if not path.exists():
             raise FileNotFoundError(f"task config {path} does not exist")
-        cfg = load_yaml(cls, path)
+        raw = yaml.safe_load(path.read_text()) or {}
+        base = raw.pop("variant_of", None) if isinstance(raw, dict) else None
+        if base is None:
+            cfg = load_yaml(cls, path)
+        else:
+            if base not in TASKS:
+                raise ValueError(f"{path}: variant_of must be one of {', '.join(TASKS)}, got {base!r}")
+            merged = {**(yaml.safe_load((CONFIG_DIR / f"{base}.yaml").read_text()) or {}), **raw}
+            try:
+                cfg = from_dict(cls, merged)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{path}: {e}") from e
         cfg.validate()
         return cfg
 

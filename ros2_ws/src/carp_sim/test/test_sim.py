@@ -263,6 +263,23 @@ def test_task_yaml_with_unknown_key_is_rejected(tmp_path):
         TaskConfig.load(p)
 
 
+def test_task_variants_change_only_what_they_list(tmp_path):
+    for name in ("cup", "bowl"):
+        base, beyond = TaskConfig.load(name), TaskConfig.load(f"{name}_beyond")
+        assert beyond.name == name and beyond.object_y[0] == base.object_y[1]  # just past the edge
+        assert beyond.object_y[1] - base.object_y[1] == pytest.approx(0.05)
+        assert {**vars(beyond), "object_y": base.object_y} == vars(base)
+    p = tmp_path / "v.yaml"
+    p.write_text("variant_of: mug\nobject_y: [0.0, 0.1]\n")
+    with pytest.raises(ValueError, match="variant_of must be one of cup, bowl"):
+        TaskConfig.load(p)
+    p.write_text("variant_of: cup\nobject_yy: [0.0, 0.1]\n")
+    with pytest.raises(ValueError, match="object_yy"):
+        TaskConfig.load(p)
+    with pytest.raises(ValueError, match="known tasks and variants: bowl, bowl_beyond, cup, cup_beyond"):
+        TaskConfig.load("mug")
+
+
 @pytest.mark.slow
 def test_collect_cli_writes_a_valid_dataset(tmp_path):
     import json
