@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from carp_hardware.driver import EXECUTORS
 from carp_policy.actions import ActionChunk, Observation, ObservationHistory, Policy
 from carp_policy.cli import UserError, add_device_argument, run_main
 
@@ -58,6 +59,9 @@ class EvalConfig:
     # of the 16 predicted steps, execute this many, then re-plan; None: the model's contract (its
     # manifest's execute_steps; 8 for the scripted expert)
     execute_steps: int | None = None
+    # the driver's chunk executor (carp_hardware.driver.EXECUTORS): replace, or keyframe_ensemble
+    # (Chain-of-Action's reverse temporal ensemble)
+    executor: str = "replace"
     account_latency: bool = True  # let sim time pass while the policy computes
     # s: let this much sim time pass per chunk instead of the measured inference time (the same
     # rollouts on a loaded machine as on an idle one); None = the measured time
@@ -112,7 +116,7 @@ def run_trial(
     obs = cell.reset(seed)
     policy.reset()
     driver = cell.driver
-    driver.executor.execute_steps = cfg.execute_steps
+    driver.executor = EXECUTORS[cfg.executor](cfg.execute_steps, driver.config.blend_s)  # history cleared
     before = dict(driver.safety.refusals)
     history = ObservationHistory(policy.obs_horizon)
     stacked = history.push(obs)
@@ -395,6 +399,13 @@ def main(argv: list[str] | None = None) -> int:
         help="steps of each 16-step chunk executed before re-planning (default: the model's own)",
     )
     p.add_argument(
+        "--executor",
+        choices=sorted(EXECUTORS),
+        default="replace",
+        help="the driver's chunk executor: replace (default), or keyframe_ensemble: Chain-of-Action's "
+        "reverse temporal ensemble (chains aligned on their keyframe)",
+    )
+    p.add_argument(
         "--ensemble-grid",
         type=int,
         help="shift ensemble: an N x N grid of scene offsets averaged per chunk; 1 = off "
@@ -431,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         trials=a.trials,
         seed=a.seed,
         execute_steps=a.execute_steps,
+        executor=a.executor,
         account_latency=not a.no_latency,
         sim_latency_s=None if a.sim_latency_ms is None else a.sim_latency_ms / 1e3,
         videos=a.videos,

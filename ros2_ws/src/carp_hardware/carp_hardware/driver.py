@@ -103,6 +103,9 @@ class DriverConfig:
     # A new chunk's path starts at the commanded pose at arrival; its first kept step lies at least
     # this far ahead, so the entry segment (the blend) is never shorter than this.
     blend_s: float = 0.05
+    # replace: each chunk replaces the rest of the last; keyframe_ensemble: Chain-of-Action's
+    # reverse temporal ensemble (KeyframeEnsembleExecutor) before that
+    executor: str = "replace"
     pose_lead_s: float = 0.1  # command_pose without a time: reach the target this far ahead
     ik: str = "controller"  # "controller" (Arm.inverse_kinematics, ur_rtde getInverseKinematics) | "local"
     ik_cross_check_rad: float = 0.0  # > 0: refuse a controller IK differing from the closed form by more
@@ -120,6 +123,10 @@ class DriverConfig:
             raise ValueError(f"DriverConfig.servo_hz must be positive, got {self.servo_hz}")
         if not 1 <= int(self.execute_steps) <= 64:
             raise ValueError(f"DriverConfig.execute_steps must be in 1..64, got {self.execute_steps}")
+        if self.executor not in ("replace", "keyframe_ensemble"):
+            raise ValueError(
+                f"DriverConfig.executor must be 'replace' or 'keyframe_ensemble', got {self.executor!r}"
+            )
         if self.ik not in ("controller", "local"):
             raise ValueError(f"DriverConfig.ik must be 'controller' or 'local', got {self.ik!r}")
         if self.blend_s < 0 or self.pose_lead_s <= 0 or self.gripper_period_s < 0:
@@ -224,6 +231,10 @@ class Executor(Protocol):
         time in which the arm can get from there to a TCP pose (4, 4) within the limits."""
         ...
 
+    def reset(self) -> None:
+        """Forget earlier chunks (a new episode, or the arm restarted from its measured pose)."""
+        ...
+
 
 @dataclass
 class ReplaceExecutor:
@@ -238,6 +249,9 @@ class ReplaceExecutor:
 
     execute_steps: int = 8
     blend_s: float = 0.05
+
+    def reset(self) -> None:
+        pass  # looks at the arriving chunk only
 
     def plan(self, chunk, now, pose, gripper, reach_time=None) -> Plan:
         times = chunk.step_times()[: self.execute_steps]
@@ -260,6 +274,75 @@ class ReplaceExecutor:
             np.concatenate([[gripper], acts[:, 9]]),
         )
         return Plan(path, dropped=first, kept=len(acts), first_step_time=float(times[first]))
+
+
+def held_keyframe(actions: np.ndarray, tol: float = 1e-9) -> int | None:
+    """Index of a chunk's keyframe when the chunk holds it to the end (Chain-of-Action's chains
+    shorter than the chunk): the first step from which every later step repeats the last one.
+    None when the last two steps differ: a chain cut at the chunk's length (or one exactly that
+    long, which looks the same) has no keyframe the executor can see."""
+    same = np.all(np.abs(actions - actions[-1]) <= tol, axis=1)  # (H,)
+    if len(actions) < 2 or not same[-2]:
+        return None
+    k = len(actions) - 1
+    while k > 0 and same[k - 1]:
+        k -= 1
+    return k
+
+
+@dataclass
+class KeyframeEnsembleExecutor(ReplaceExecutor):
+    """Chain-of-Action's reverse temporal ensemble (Zhang et al. 2025), then ``ReplaceExecutor``.
+
+    A CoA chunk runs from the current pose to a keyframe (and holds it). Successive chains toward
+    the same keyframe are aligned on it: the step j before the newest chain's keyframe is averaged
+    with the step j before each earlier chain's, weight ``exp(-decay * age)`` (age 0: the newest),
+    so the chains agree where they end rather than at a clock time. The newest chain keeps its own
+    timing. A chain whose keyframe lies more than ``match_m`` from the previous one's starts a new
+    segment (the history is cleared), and so does a chunk without a visible keyframe
+    (``held_keyframe``). Rotations are averaged as rotation6d and re-orthonormalised downstream.
+    """
+
+    decay: float = 0.5
+    match_m: float = 0.02  # keyframes this close (position) belong to the same segment
+    history: int = 4  # chains kept (the newest included)
+
+    def __post_init__(self) -> None:
+        self._chains: deque[tuple[np.ndarray, int]] = deque(maxlen=self.history)
+
+    def reset(self) -> None:
+        self._chains.clear()
+
+    def plan(self, chunk, now, pose, gripper, reach_time=None) -> Plan:
+        k = held_keyframe(chunk.actions)
+        if k is None:
+            self._chains.clear()
+            return super().plan(chunk, now, pose, gripper, reach_time)
+        if self._chains:
+            prev, kp = self._chains[-1]
+            if np.linalg.norm(prev[kp, :3] - chunk.actions[k, :3]) > self.match_m:
+                self._chains.clear()
+        self._chains.append((chunk.actions.copy(), k))
+        acc = np.zeros_like(chunk.actions[: k + 1])  # (k+1, D): steps 0..k of the newest chain
+        wsum = np.zeros((k + 1, 1))
+        for age, (acts, ka) in enumerate(reversed(self._chains)):
+            n = min(k, ka) + 1  # steps j = 0..n-1 before the keyframe exist in both
+            w = math.exp(-self.decay * age)
+            acc[k + 1 - n :] += w * acts[ka + 1 - n : ka + 1]
+            wsum[k + 1 - n :] += w
+        ens = chunk.actions.copy()
+        ens[: k + 1] = acc / wsum
+        ens[k + 1 :] = ens[k]
+        merged = ActionChunk(ens, chunk.timestamp, chunk.dt, chunk.latency_s)
+        return super().plan(merged, now, pose, gripper, reach_time)
+
+
+EXECUTORS = {"replace": ReplaceExecutor, "keyframe_ensemble": KeyframeEnsembleExecutor}
+
+
+def make_executor(config: DriverConfig) -> Executor:
+    """The executor ``config.executor`` names, with the config's execute steps and blend."""
+    return EXECUTORS[config.executor](config.execute_steps, config.blend_s)
 
 
 # ----------------------------------------------------------------------------- status
@@ -328,7 +411,7 @@ class ArmDriver:
         self.safety = SafetyMonitor(limits or SafetyLimits())
         self.limits = self.safety.limits
         self.clock = clock or WallClock()
-        self.executor = executor or ReplaceExecutor(self.config.execute_steps, self.config.blend_s)
+        self.executor = executor or make_executor(self.config)
         self.dt = self.config.dt
         self._lock = threading.RLock()  # commands from other threads vs. the servo loop
         self.state = DriverState.IDLE
@@ -754,10 +837,11 @@ class ArmDriver:
         return pose_matrix(pos[0], rot[0])
 
     def _seed(self, st: ArmState) -> None:
-        """Commanded joints / pose from the measured ones (no path)."""
+        """Commanded joints / pose from the measured ones (no path, no earlier chunks)."""
         self._q_cmd = np.asarray(st.q, dtype=np.float64).copy()
         self._pose_cmd = np.asarray(st.tcp, dtype=np.float64).copy()
         self._path = None
+        self.executor.reset()
         self._grip_sent, self._grip_sent_t = None, -math.inf  # the clock may have restarted (the twin)
         if self.gripper is not None:
             self._grip_cmd = float(self.gripper.state().target)

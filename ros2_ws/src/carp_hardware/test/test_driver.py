@@ -17,7 +17,14 @@ import pytest
 os.environ.setdefault("MUJOCO_GL", "egl")
 
 from carp_hardware import fake_rtde
-from carp_hardware.driver import ArmDriver, DriverConfig, DriverError, DriverState
+from carp_hardware.driver import (
+    ArmDriver,
+    DriverConfig,
+    DriverError,
+    DriverState,
+    KeyframeEnsembleExecutor,
+    held_keyframe,
+)
 from carp_hardware.fake_rtde import FakeUR
 from carp_hardware.kinematics import fk, pose_matrix
 from carp_hardware.safety import SafetyLimits, SafetyMonitor
@@ -193,6 +200,61 @@ def test_a_replacing_chunk_blends_without_a_jump():
     # catch-up over the 120 ms entry segment), i.e. no jump at the switch
     assert steps.max() < 1.2 * np.hypot(0.2 + 0.02 / 0.12, 0.01 / 0.12) * drv.dt
     assert steps.max() < 0.8e-3  # 2 ms ticks: < 0.4 m/s
+
+
+def coa_chunk(start: np.ndarray, keyframe: np.ndarray, n: int, t_obs: float) -> ActionChunk:
+    """A Chain-of-Action chunk: n steps from ``start`` straight to ``keyframe``, then held."""
+    acts = np.zeros((16, 10))
+    s = np.minimum(np.arange(1, 17), n)[:, None] / n
+    acts[:, :3] = start[:3, 3] + s * (keyframe - start[:3, 3])
+    acts[:, 3:9] = matrix_to_rot6d(start[:3, :3])
+    acts[:, 9] = 0.085
+    return ActionChunk(acts, timestamp=t_obs)
+
+
+def test_held_keyframe_finds_the_chain_end_or_none():
+    start = pose_matrix(np.array([-0.4, 0.1, 0.3]), DOWN)
+    kf = np.array([-0.45, 0.1, 0.25])
+    assert held_keyframe(coa_chunk(start, kf, 10, 0.0).actions) == 9
+    assert held_keyframe(coa_chunk(start, kf, 1, 0.0).actions) == 0
+    assert held_keyframe(coa_chunk(start, kf, 16, 0.0).actions) is None  # cut or exactly 16: unseen
+
+
+def test_keyframe_ensemble_aligns_chains_on_their_keyframe():
+    ex = KeyframeEnsembleExecutor(execute_steps=16, blend_s=0.0, decay=0.5)
+    start = pose_matrix(np.array([-0.4, 0.1, 0.3]), DOWN)
+    kf = np.array([-0.45, 0.1, 0.25])
+    old = coa_chunk(start, kf, 10, 0.0)
+    ex.plan(old, 0.0, start, 0.085)
+    # 0.3 s later, from 1.5 steps further along: 7 steps left, ending 1 cm beside the old keyframe
+    now = 0.3
+    mid = pose_matrix(old.actions[2, :3] + [0.0, 0.0, 0.001], DOWN)
+    new = coa_chunk(mid, kf + np.array([0.0, 0.01, 0.0]), 7, now)
+    plan = ex.plan(new, now, mid, 0.085)
+    w = np.exp(-0.5)
+    # aligned on the keyframe: the new chain's step 6 - j meets the old chain's step 9 - j
+    for j in range(7):
+        want = (new.actions[6 - j, :3] + w * old.actions[9 - j, :3]) / (1 + w)
+        np.testing.assert_allclose(plan.path.positions[1 + 6 - j], want, atol=1e-12)
+    np.testing.assert_allclose(plan.path.positions[-1], plan.path.positions[7])  # the keyframe held
+    assert plan.first_step_time == pytest.approx(new.step_times()[0])  # the newest chain's timing
+    # a keyframe 5 cm away starts a new segment: nothing averaged
+    other = coa_chunk(mid, kf + np.array([0.0, 0.05, 0.0]), 7, now)
+    np.testing.assert_allclose(ex.plan(other, now, mid, 0.085).path.positions[1:], other.actions[:, :3])
+    ex.reset()
+    np.testing.assert_allclose(ex.plan(new, now, mid, 0.085).path.positions[1:], new.actions[:, :3])
+
+
+def test_driver_runs_the_executor_its_config_names():
+    drv, ur = make(executor="keyframe_ensemble")
+    assert isinstance(drv.executor, KeyframeEnsembleExecutor)
+    start = drv.status().tcp_cmd
+    res = drv.submit_chunk(coa_chunk(start, start[:3, 3] + [-0.02, 0.0, 0.0], 8, ur.t))
+    assert res.accepted and res.kept == 8
+    drv.run_for(1.0)
+    np.testing.assert_allclose(drv.status().tcp_cmd[:3, 3], start[:3, 3] + [-0.02, 0.0, 0.0], atol=1e-9)
+    with pytest.raises(ValueError, match="executor"):
+        DriverConfig(executor="ensemble")
 
 
 def test_teleop_pose_and_twist_commands_go_through_the_limits():
