@@ -6,10 +6,12 @@ Measures, for the state and the visual variant (models built from the package co
 weights: latency does not depend on the weights), exported to a temporary directory and run:
 CARP torch eager, CARP ONNX (CPU; CUDA when asked and available) with a per-stage breakdown
 (encoder + scale 1, scales 2..K, decoder), and DP-C with 100 DDPM steps and 10 DDIM steps (torch and
-ONNX). DP-C needs `diffusers`; without it DP-C is skipped with a note. DP-C-100 on a CPU takes
-seconds per chunk, so DP-C measurements stop after --dpc-budget-s seconds (at least 3 runs) and say
-so. Writes latency.json (machine, providers, versions, commit, every number) and latency.png, and
-prints a table whose last line is the speed-up of CARP ONNX over DP-C-100 in this run.
+ONNX), and Chain-of-Action (torch and ONNX, at chain lengths 1..32: its latency grows with the
+distance to the keyframe; latency_coa_chain.png). DP-C needs `diffusers`; without it DP-C is
+skipped with a note. DP-C-100 on a CPU takes seconds per chunk, so DP-C measurements stop after
+--dpc-budget-s seconds (at least 3 runs) and say so. Writes latency.json (machine, providers,
+versions, commit, every number) and latency.png, and prints a table whose last line is the
+speed-up of CARP ONNX over DP-C-100 in this run.
 Imports no mujoco.
 """
 
@@ -138,6 +140,8 @@ def bench_variant(variant: str, args: argparse.Namespace, tmp: Path, notes: list
         row("CARP ONNX", dev, s, providers=engine.providers, stages_p50_ms=stages)
         print("         stages p50: " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()) + " ms")
 
+    bench_coa(variant, args, tmp, norm, obs_list, row)
+
     # --- DP-C (optional: needs diffusers)
     try:
         from carp_policy.policies.diffusion.modeling_diffusion import DiffusionConfig, DiffusionPolicy
@@ -180,6 +184,82 @@ def bench_variant(variant: str, args: argparse.Namespace, tmp: Path, notes: list
     return rows
 
 
+COA_CHAINS = (1, 4, 8, 16, 24, 32)  # decoded chain lengths measured (32 = the longest chain)
+
+
+def bench_coa(variant: str, args: argparse.Namespace, tmp: Path, norm: Any, obs_list: list, row: Any) -> None:
+    """Chain-of-Action, torch eager and ONNX, at fixed chain lengths: its latency grows with the
+    distance to the keyframe (one KV-cached step per chain step; the near-term actions come last).
+    One row per method at chain 16 goes through ``row``; every chain length to COA_CHAIN_ROWS."""
+    import torch
+
+    from carp_policy.engine import OnnxPolicy
+    from carp_policy.export import export_policy
+    from carp_policy.policies.coa.configuration_coa import CoaConfig
+    from carp_policy.policies.coa.modeling_coa import CoaPolicy
+
+    torch.manual_seed(0)
+    cfg = CoaConfig.load(f"coa_{'state_env' if variant == 'state' else variant}")
+    if variant == "state":
+        cfg.encoder.env_state_dim = 0  # the same observation as the CARP and DP-C state variants
+    coa = CoaPolicy(cfg, norm)
+    with torch.no_grad():  # adaLN-Zero gates: non-zero so every block does real work
+        for p in coa.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(std=0.02)
+    out = tmp / f"coa_{variant}"
+    print(f"[{variant}] exporting CoA ...", flush=True)
+    export_policy(coa, out, parity_samples=2, verbose=False)
+    for n in COA_CHAINS:
+        torch_s = measure(lambda o, n=n: coa.predict_chain(o, chain_len=n), obs_list, args.runs, args.warmup)[
+            0
+        ]
+        engine = OnnxPolicy(out, device="cpu", intra_op_threads=args.threads, chain_len=n)
+        onnx_s = measure(engine.predict, obs_list, args.runs, args.warmup)[0]
+        if n == 16:
+            row("CoA torch eager", "cpu", torch_s, chain_len=n)
+            row("CoA ONNX", "cpu", onnx_s, chain_len=n, providers=engine.providers)
+        COA_CHAIN_ROWS.append(
+            {
+                "variant": variant,
+                "chain_len": n,
+                "torch_p50": torch_s["p50"],
+                "onnx_p50": onnx_s["p50"],
+                "onnx_p99": onnx_s["p99"],
+            }
+        )
+        print(
+            f"         CoA chain {n:2d}: torch {torch_s['p50']:.2f} ms, ONNX {onnx_s['p50']:.2f} ms",
+            flush=True,
+        )
+
+
+COA_CHAIN_ROWS: list[dict] = []
+
+
+def plot_coa_chain(path: Path) -> None:
+    """CoA latency over the decoded chain length, one line per variant and runtime."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for v in sorted({r["variant"] for r in COA_CHAIN_ROWS}):
+        rs = [r for r in COA_CHAIN_ROWS if r["variant"] == v]
+        n = [r["chain_len"] for r in rs]
+        ax.plot(n, [r["onnx_p50"] for r in rs], "o-", label=f"{v}, ONNX (CPU)")
+        ax.plot(n, [r["torch_p50"] for r in rs], "s--", label=f"{v}, torch eager (CPU)")
+    ax.set_xlabel("decoded chain length (steps from the keyframe back to now)")
+    ax.set_ylabel("ms per chunk, p50")
+    ax.set_title("Chain-of-Action: latency grows with the distance to the keyframe", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _budget_note(notes: list[str], variant: str, what: str, s: dict, runs: int, budget: float) -> None:
     if s["runs"] < runs:
         notes.append(f"{variant} {what}: {s['runs']} runs, not {runs} (time budget {budget:.0f} s)")
@@ -198,7 +278,14 @@ def plot(rows: list[dict], path: Path) -> None:
         rs = [r for r in rows if r["variant"] == v]
         labels = [f"{r['method']}\n[{r['device']}]" for r in rs]
         p50 = [r["p50"] for r in rs]
-        ax.barh(labels, p50, color=["tab:blue" if "CARP" in r["method"] else "tab:gray" for r in rs])
+        ax.barh(
+            labels,
+            p50,
+            color=[
+                "tab:blue" if "CARP" in r["method"] else "tab:green" if "CoA" in r["method"] else "tab:gray"
+                for r in rs
+            ],
+        )
         ax.scatter([r["p90"] for r in rs], labels, marker="|", color="k", s=200, label="p90")
         ax.scatter([r["p99"] for r in rs], labels, marker="x", color="r", label="p99")
         ax.set_xscale("log")
@@ -287,11 +374,14 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
         "rows": rows,
         "speedups": speedups,
+        "coa_chain": COA_CHAIN_ROWS,
         "notes": notes,
         "wall_s": time.perf_counter() - t0,
     }
     (out / "latency.json").write_text(json.dumps(result, indent=1))
     plot(rows, out / "latency.png")
+    if COA_CHAIN_ROWS:
+        plot_coa_chain(out / "latency_coa_chain.png")
 
     # ---- summary table (one screen); the last line is the headline speed-up
     print(
