@@ -94,13 +94,8 @@ def bench_variant(variant: str, args: argparse.Namespace, tmp: Path, notes: list
     torch.manual_seed(0)
     cfg = CarpConfig.load(variant)
     policy = CarpPolicy(cfg, None, norm)
-    with torch.no_grad():  # adaLN-Zero gates: non-zero so every block does real work
-        for p in policy.model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.02)
     out = tmp / f"carp_{variant}"
-    print(f"[{variant}] exporting CARP ...", flush=True)
-    manifest = export_policy(policy, out, parity_samples=2, verbose=False)
+    manifest = _export_untrained(policy, out, f"[{variant}] exporting CARP ...")
     rng = np.random.default_rng(0)
     obs_list = [_random_observation(manifest["observation"], norm, rng) for _ in range(8)]
     cuda = args.device == "cuda"
@@ -184,6 +179,21 @@ def bench_variant(variant: str, args: argparse.Namespace, tmp: Path, notes: list
     return rows
 
 
+def _export_untrained(policy: Any, out: Path, message: str) -> Any:
+    """Export a freshly built policy (latency does not depend on the weights) -> its manifest.
+    adaLN-Zero gates start at zero: they get small weights, so every block does real work."""
+    import torch
+
+    from carp_policy.export import export_policy
+
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(std=0.02)
+    print(message, flush=True)
+    return export_policy(policy, out, parity_samples=2, verbose=False)
+
+
 COA_CHAINS = (1, 4, 8, 16, 24, 32)  # decoded chain lengths measured (32 = the longest chain)
 
 
@@ -194,7 +204,6 @@ def bench_coa(variant: str, args: argparse.Namespace, tmp: Path, norm: Any, obs_
     import torch
 
     from carp_policy.engine import OnnxPolicy
-    from carp_policy.export import export_policy
     from carp_policy.policies.coa.configuration_coa import CoaConfig
     from carp_policy.policies.coa.modeling_coa import CoaPolicy
 
@@ -203,13 +212,8 @@ def bench_coa(variant: str, args: argparse.Namespace, tmp: Path, norm: Any, obs_
     if variant == "state":
         cfg.encoder.env_state_dim = 0  # the same observation as the CARP and DP-C state variants
     coa = CoaPolicy(cfg, norm)
-    with torch.no_grad():  # adaLN-Zero gates: non-zero so every block does real work
-        for p in coa.model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(std=0.02)
     out = tmp / f"coa_{variant}"
-    print(f"[{variant}] exporting CoA ...", flush=True)
-    export_policy(coa, out, parity_samples=2, verbose=False)
+    _export_untrained(coa, out, f"[{variant}] exporting CoA ...")
     for n in COA_CHAINS:
         torch_s = measure(lambda o, n=n: coa.predict_chain(o, chain_len=n), obs_list, args.runs, args.warmup)[
             0
