@@ -7,9 +7,9 @@ the robot runs (``carp_hardware.driver.ArmDriver`` in the twin: ``SimCell.submit
 drops the steps whose time has passed, schedules the rest at their absolute times and checks every
 target against the safety limits. The loop observes at each executed step's time.
 
-The loop only talks to a :class:`Cell` (reset/step/hold/observe/outcome), so the same protocol
-drives the MuJoCo twin today and the real cell later (where an operator resets the scene and
-confirms success).
+The loop only talks to a :class:`Cell` (reset/submit_chunk/run_until/hold/outcome), so the same
+protocol drives the MuJoCo twin and the real cell, where an operator resets the scene and judges
+each trial (``robot_eval.RobotCell``, ``--cell robot``).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class Cell(Protocol):
     time: float
     max_duration_s: float
     done: bool
-    driver: Any  # carp_hardware.driver.ArmDriver
+    driver: Any  # carp_hardware.driver.ArmDriver, or its DriverProcess on a cell
 
     def reset(self, seed: int) -> Observation: ...
     def submit_chunk(self, chunk: ActionChunk): ...  # -> carp_hardware.driver.ChunkResult
@@ -115,9 +115,9 @@ def run_trial(
     scheduling, latency compensation, interpolation and limits as on the robot."""
     obs = cell.reset(seed)
     policy.reset()
-    driver = cell.driver
-    driver.executor = EXECUTORS[cfg.executor](cfg.execute_steps, driver.config.blend_s)  # history cleared
-    before = dict(driver.safety.refusals)
+    driver = cell.driver  # an ArmDriver, or a DriverProcess on a cell: called by method only
+    driver.set_executor(cfg.executor, cfg.execute_steps)  # its history cleared
+    before = driver.refusal_counts()
     history = ObservationHistory(policy.obs_horizon)
     stacked = history.push(obs)
     latencies: list[float] = []
@@ -158,6 +158,7 @@ def run_trial(
             if cell.done or cell.time >= cell.max_duration_s:
                 break
     outcome = cell.outcome()
+    after = driver.refusal_counts()
     layout = getattr(cell, "layout", None)  # the twin's: where this seed put the object and target
     if view is not None:
         said = "success" if outcome.success else "failure"
@@ -171,13 +172,13 @@ def run_trial(
         plans=plans,
         latency_ms=latencies,
         refused=refused,
-        refusals={k: v - before.get(k, 0) for k, v in driver.safety.refusals.items() if v > before.get(k, 0)},
+        refusals={k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)},
         object_xy=None if layout is None else [float(v) for v in layout.object_xy],
         target_xy=None if layout is None else [float(v) for v in layout.target_xy],
     )
 
 
-def load_policy(spec: str, device: str = "cpu", cfg: EvalConfig | None = None) -> Policy:
+def load_policy(spec: str, device: str = "cpu", cfg: EvalConfig | None = None, spin: bool = True) -> Policy:
     """A trained run directory, an exported model directory, or a released model name, with the
     shift ensemble ``cfg`` asks for (the model's own when it asks for none). A model made for
     another task than ``cfg.task`` is refused (ValueError naming both)."""
@@ -187,7 +188,7 @@ def load_policy(spec: str, device: str = "cpu", cfg: EvalConfig | None = None) -
     ensemble = None
     if cfg is not None and cfg.ensemble_grid is not None:
         ensemble = EnsembleConfig(grid=cfg.ensemble_grid, radius=cfg.ensemble_radius)
-    policy = _load(spec, device=device, ensemble=ensemble)
+    policy = _load(spec, device=device, ensemble=ensemble, spin=spin)
     task = policy.contract.get("task")
     if cfg is not None and task:
         from carp_sim.tasks import TaskConfig
@@ -311,10 +312,11 @@ def write_mp4(frames: list[np.ndarray], path: Path, fps: float = 10.0) -> None:
             container.mux(packet)
 
 
-def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", sim_config=None) -> dict:
-    """Run ``cfg.trials`` trials in the twin and write results.json, summary.png and rollout MP4s."""
-    from tqdm import tqdm
-
+def evaluate(
+    cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", sim_config=None, resume: bool = False
+) -> dict:
+    """Run ``cfg.trials`` trials in the twin and write results.json, summary.png and rollout MP4s
+    (``resume``: keep the trials of an interrupted run in ``out`` and run the rest)."""
     from carp_sim.env import SimCell, SimConfig
 
     out.mkdir(parents=True, exist_ok=True)
@@ -326,39 +328,75 @@ def evaluate(cfg: EvalConfig, policy_spec: str, out: Path, device: str = "cpu", 
         cams = () if policy is None else tuple(policy.cameras)
         sim_config = SimConfig(cameras=cams, render=bool(cams))
     cell = SimCell(task=cfg.task, config=sim_config)
+    if is_expert:
+        from carp_sim.expert import make_expert
+
+        policy = lambda seed: make_expert(cell, seed)  # noqa: E731  (one expert per layout)
+    try:
+        return run_trials(cell, policy, cfg, out, policy_spec, resume=resume, extra={"cell": "sim"})
+    finally:
+        cell.close()
+
+
+def run_trials(
+    cell: Cell, policy, cfg: EvalConfig, out: Path, name: str, resume: bool = False, extra: dict | None = None
+) -> dict:
+    """The trials of ``cfg`` on ``cell`` (the twin, or a real cell with its operator).
+
+    ``policy``: a Policy, or a function seed -> Policy (the scripted expert). Each trial is appended
+    to ``out/trials.jsonl`` and results.json is rewritten as soon as it ends, so a crash loses no
+    finished trial; ``resume`` keeps the trials already in trials.jsonl and runs the rest. The
+    summary PNG is written at the end, or when the run stops early. Returns the summary."""
+    from tqdm import tqdm
+
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "trials.jsonl"
+    results: list[TrialResult] = []
+    if resume and log.exists():
+        results = [TrialResult(**json.loads(line)) for line in log.read_text().splitlines() if line.strip()]
+    else:
+        log.write_text("")
+    done_seeds = {r.seed for r in results}
     view = None
     if cfg.rerun:
         from carp_bringup.live_view import LiveView
 
         view = LiveView(cfg.task, save=cfg.rerun)
-    results: list[TrialResult] = []
+
+    def write() -> dict:
+        summary = summarize(results, cfg, name)
+        from carp_policy.policies.ensemble import ShiftEnsemble
+
+        ens = policy.config if isinstance(policy, ShiftEnsemble) else None
+        summary["ensemble"] = {"grid": ens.grid, "radius": ens.radius} if ens else {"grid": 1, "radius": 0.0}
+        summary.update(extra or {})
+        (out / "results.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
     bar = tqdm(range(cfg.trials), desc=f"eval {cfg.task}", unit="trial")
     try:
         for i in bar:
             seed = cfg.seed + i
-            if is_expert:
-                from carp_sim.expert import make_expert
-
-                policy = make_expert(cell, seed)
+            if seed in done_seeds:
+                continue
             frames: list[np.ndarray] | None = [] if i < cfg.videos else None
-            r = run_trial(cell, policy, seed, cfg, frames, view)
+            run_policy = policy(seed) if callable(policy) and not hasattr(policy, "predict") else policy
+            r = run_trial(cell, run_policy, seed, cfg, frames, view)
             results.append(r)
+            with log.open("a") as f:
+                f.write(json.dumps(asdict(r)) + "\n")
+            write()
             if frames:
                 write_mp4(frames, out / f"rollout_{i:02d}_seed{seed}_{'ok' if r.success else 'fail'}.mp4")
             k = sum(x.success for x in results)
             bar.set_postfix(success=f"{k}/{len(results)}", last=r.reason)
     finally:
-        cell.close()
         if view is not None:
             view.close()
-    summary = summarize(results, cfg, policy_spec)
-    from carp_policy.policies.ensemble import ShiftEnsemble
-
-    ens = policy.config if isinstance(policy, ShiftEnsemble) else None
-    summary["ensemble"] = {"grid": ens.grid, "radius": ens.radius} if ens else {"grid": 1, "radius": 0.0}
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    plot_summary(summary, results, out / "summary.png")
-    return summary
+        if results:
+            results.sort(key=lambda r: r.seed)
+            plot_summary(write(), results, out / "summary.png")
+    return write()
 
 
 def print_summary(summary: dict, out: Path) -> None:
@@ -378,7 +416,9 @@ def print_summary(summary: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="carp-eval", description="Evaluate a policy on a task in the MuJoCo twin."
+        prog="carp-eval",
+        description="Evaluate a policy on a task: in the MuJoCo twin (default), or on the cell with an "
+        "operator who resets the scene and judges each trial (--cell robot; docs/robot.md).",
     )
     p.add_argument(
         "--task",
@@ -430,6 +470,23 @@ def main(argv: list[str] | None = None) -> int:
         help="save a rerun recording of every trial (cameras, TCP path, chunks, refusals, outcomes); "
         "open it with `rerun FILE.rrd`",
     )
+    p.add_argument(
+        "--cell",
+        choices=["sim", "robot", "live-twin"],
+        default="sim",
+        help="sim: the twin, as fast as the CPU allows (default); robot: the UR5e, the 2F-85 and the "
+        "cameras of --cameras, with operator prompts; live-twin: the robot's protocol against the "
+        "twin at wall-clock pace, the twin resetting the scene and judging (a rehearsal)",
+    )
+    p.add_argument("--robot-ip", default="192.168.1.102", help="--cell robot: the UR controller")
+    p.add_argument("--gripper-port", type=int, default=63352, help="--cell robot: the Robotiq URCap's port")
+    p.add_argument("--limits", help="--cell robot: safety limits YAML (default: the shipped ur5e limits)")
+    p.add_argument("--cameras", help="--cell robot: cameras YAML (carp_hardware.cameras; docs/recording.md)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the trials already in OUT/trials.jsonl (an interrupted run) and run the rest",
+    )
     add_device_argument(p)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
@@ -451,9 +508,23 @@ def main(argv: list[str] | None = None) -> int:
         rerun=a.rerun,
     )
 
+    if a.cell != "sim" and a.policy == "expert":
+        p.error("the scripted expert reads the twin's scene: it runs with --cell sim only")
+
     def body() -> int:
         try:
-            summary = evaluate(cfg, a.policy, a.out, device=a.device)
+            if a.cell == "sim":
+                summary = evaluate(cfg, a.policy, a.out, device=a.device, resume=a.resume)
+            else:
+                from carp_bringup.robot_eval import CellError, evaluate_on_cell
+
+                try:
+                    summary = evaluate_on_cell(
+                        cfg, a.policy, a.out, a.cell, a.device, a.robot_ip, a.gripper_port, a.limits,
+                        a.cameras, a.resume,
+                    )  # fmt: skip
+                except CellError as e:
+                    raise UserError(f"{e}; the judged trials are in {a.out}/trials.jsonl (--resume)") from e
         except KeyError as e:  # an unknown task or camera name
             raise UserError(str(e)) from e
         print_summary(summary, a.out)

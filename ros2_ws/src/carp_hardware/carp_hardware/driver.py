@@ -480,17 +480,33 @@ class ArmDriver:
         with self._lock:
             self._seed(self.arm.state())
 
-    def home(self) -> None:
-        """Blocking joint move to ``config.home_q`` (moveJ); only when not streaming. Ends IDLE."""
+    def home(self, pose: np.ndarray | None = None) -> None:
+        """Blocking joint move (moveJ) at the home speed to ``config.home_q``, or to the joints
+        nearest it that put the TCP at ``pose`` (4, 4), e.g. an episode's start pose (the backend's
+        IK: the controller's on the robot). A pose outside the workspace, without an IK solution or
+        with one outside the joint limits is refused (DriverError: nothing moves). Ends IDLE."""
+        target = np.asarray(self.config.home_q, float)
+        if pose is not None:
+            pose = np.asarray(pose, float)
+            if pose.shape != (4, 4) or not np.all(np.isfinite(pose)):
+                raise DriverError("home: the start pose must be a finite (4, 4) matrix")
+            bad = self.safety.workspace(pose[None, :3, 3], "start pose")
+            if bad is not None:
+                raise DriverError(f"home: {bad}")
+            with self._lock:
+                q = self.arm.inverse_kinematics(pose, target)
+            lim = self.safety.limits.joint_limits
+            if q is None or np.any(q < lim[:, 0]) or np.any(q > lim[:, 1]):
+                why = "no IK solution" if q is None else f"joints {np.round(q, 3).tolist()} break the limits"
+                raise DriverError(f"home: start pose at {np.round(pose[:3, 3], 3).tolist()} m: {why}")
+            target = np.asarray(q, float)
         with self._lock:
             if self.state is DriverState.FAULT:
                 raise DriverError(f"cannot home during a fault ({self.reason}); acknowledge() first")
             if self.state is DriverState.RUNNING:
                 self.arm.servo_stop()
             self._path = None
-            ok = self.arm.move_joints(
-                np.asarray(self.config.home_q, float), self.config.home_speed, self.config.home_acceleration
-            )
+            ok = self.arm.move_joints(target, self.config.home_speed, self.config.home_acceleration)
             st = self.arm.state()
             if not ok or st.fault():
                 self._fault(
@@ -500,6 +516,24 @@ class ArmDriver:
                 raise DriverError(self.reason)
             self._seed(st)
             self.state, self.reason = DriverState.IDLE, None
+
+    def open_gripper(self) -> None:
+        """Open the gripper fully (non-blocking; nothing without a gripper), e.g. between trials."""
+        if self.gripper is not None and not self.gripper.command(self.gripper.stroke):
+            raise DriverError("the gripper refused the open command")
+
+    def set_executor(self, name: str, execute_steps: int | None = None) -> None:
+        """Select the chunk executor (``EXECUTORS``) and how many steps of a chunk it executes (None:
+        ``config.execute_steps``); its history starts empty (a new episode)."""
+        if name not in EXECUTORS:
+            raise ValueError(f"unknown executor {name!r} (one of {sorted(EXECUTORS)})")
+        with self._lock:
+            steps = self.config.execute_steps if execute_steps is None else int(execute_steps)
+            self.executor = EXECUTORS[name](steps, self.config.blend_s)
+
+    def refusal_counts(self) -> dict[str, int]:
+        """Refusals since the driver started, by reason (a copy)."""
+        return dict(self.safety.refusals)
 
     # ------------------------------------------------------------------ commands
     def submit_chunk(self, chunk: ActionChunk) -> ChunkResult:
@@ -897,3 +931,34 @@ class ArmDriver:
                 "faults": dict(self.faults),
             }
             return out
+
+
+def paced_servo_loop(
+    driver: ArmDriver,
+    running: Callable[[], bool],
+    lock: threading.Lock | threading.RLock,
+    after_tick: Callable[[int], None] | None = None,
+) -> None:
+    """The twin's servo loop at wall-clock pace: one ``driver.tick()`` under the world ``lock``
+    (physics and camera renders share the MuJoCo data), then sleep to the next period outside it.
+
+    On the robot the backend paces the loop (ur_rtde's ``waitPeriod``); the twin's backend does not,
+    so this loop does. ``after_tick(k)`` runs under the lock after tick ``k`` (the twin's success
+    checks). It always lets go of the world for a moment: a loop that runs behind its period would
+    otherwise re-take the lock at once and starve the state publisher and the cameras (seen on a
+    loaded CPU: a policy saw no state for minutes). After falling more than 0.1 s behind it goes on
+    from now instead of bursting to catch up."""
+    dt = driver.dt
+    next_t = time.perf_counter()
+    k = 0
+    while running():
+        with lock:
+            driver.tick()
+            k += 1
+            if after_tick is not None:
+                after_tick(k)
+        next_t += dt
+        wait = next_t - time.perf_counter()
+        if wait < -0.1:
+            next_t = time.perf_counter()
+        time.sleep(max(wait, 0.0005))

@@ -34,7 +34,6 @@ import functools
 import json
 import sys
 import threading
-import time
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
@@ -132,23 +131,15 @@ class DriverNode(Node):
 
     # ------------------------------------------------------------------ servo loop (own thread)
     def _servo_loop(self) -> None:
-        dt = self.driver.dt
-        next_t = time.perf_counter()
-        k = 0
-        while self._running:
-            with self.lock:  # the twin: one tick of driver and physics, then wait for the wall clock
-                self.driver.tick()
-                k += 1
-                if k % max(1, round(0.1 / dt)) == 0:
-                    self.cell.update_status()  # success / failure at the control rate
-            next_t += dt
-            wait = next_t - time.perf_counter()
-            if wait < -0.1:  # fell far behind (a loaded CPU): continue from now, do not burst
-                next_t = time.perf_counter()
-            # always let go of the world for a moment: a loop that runs behind its period would
-            # otherwise re-take the lock at once and starve the state publisher (seen on a loaded CPU:
-            # the policy node saw no state for minutes)
-            time.sleep(max(wait, 0.0005))
+        from carp_hardware.driver import paced_servo_loop
+
+        every = max(1, round(0.1 / self.driver.dt))  # success / failure at the control rate
+
+        def after_tick(k: int) -> None:
+            if k % every == 0:
+                self.cell.update_status()
+
+        paced_servo_loop(self.driver, lambda: self._running, self.lock, after_tick)
 
     # ------------------------------------------------------------------ topics and services
     def _setup_topics(self, state_hz: float) -> None:

@@ -33,7 +33,8 @@ import numpy as np
 
 # what the parent may call on the driver (and ``measured``: the arm's and the gripper's readings)
 _METHODS = ("submit_chunk", "command_pose", "command_twist", "enable", "stop", "home", "acknowledge",
-            "diagnostics", "status", "measured")  # fmt: skip
+            "diagnostics", "status", "measured", "open_gripper", "set_executor", "refusal_counts",
+            "serial")  # fmt: skip
 
 
 def _serve(build: Callable[[], Any], conn) -> None:
@@ -94,6 +95,8 @@ def _serve(build: Callable[[], Any], conn) -> None:
 
 
 def _call(driver, name: str, args: tuple, periods: deque) -> Any:
+    if name == "serial":  # the controller's (RtdeArm.serial; "" for a backend without one)
+        return driver.arm.serial() if hasattr(driver.arm, "serial") else ""
     if name == "measured":
         g = driver.gripper.state() if driver.gripper is not None else None
         return driver.arm.state(), g
@@ -180,8 +183,21 @@ class DriverProcess:
     def stop(self, reason: str = "operator stop") -> None:
         self.call("stop", reason)
 
-    def home(self, timeout: float = 60.0) -> None:
-        self.call("home", timeout=timeout)
+    def home(self, pose=None, timeout: float = 60.0) -> None:
+        self.call("home", pose, timeout=timeout)
+
+    def open_gripper(self) -> None:
+        self.call("open_gripper")
+
+    def set_executor(self, name: str, execute_steps: int | None = None) -> None:
+        self.call("set_executor", name, execute_steps)
+
+    def refusal_counts(self) -> dict[str, int]:
+        return self.call("refusal_counts")
+
+    def serial(self) -> str:
+        """The controller's serial number."""
+        return self.call("serial")
 
     def acknowledge(self) -> str:
         return self.call("acknowledge", timeout=30.0)

@@ -442,3 +442,20 @@ def test_pose_matrix_roundtrip_helper():
     from carp_hardware.ur_rtde_arm import pose_to_ur, ur_to_pose
 
     np.testing.assert_allclose(ur_to_pose(pose_to_ur(t)), t, atol=1e-12)
+
+
+def test_home_to_a_start_pose_moves_there_and_refuses_one_outside_the_limits():
+    drv, ur = make()
+    rot = fk(HOME)[:3, :3]
+    drv.home(pose_matrix(np.array([-0.45, 0.05, 0.30]), rot))
+    np.testing.assert_allclose(drv.arm.state().tcp[:3, 3], [-0.45, 0.05, 0.30], atol=5e-3)
+    assert drv.status().state is DriverState.IDLE
+    moves = sum(c[0] == "moveJ" for c in ur.calls)
+    nan = np.full((4, 4), np.nan)
+    for bad, why in ((pose_matrix(np.array([-0.45, 0.05, 0.005]), rot), "outside the workspace"),
+                     (pose_matrix(np.array([-0.45, 0.05, 3.0]), rot), "outside the workspace"),
+                     (pose_matrix(np.array([-0.84, 0.49, 0.02]), rot), "no IK solution"),  # beyond reach
+                     (nan, "finite")):  # fmt: skip
+        with pytest.raises(DriverError, match=why):
+            drv.home(bad)
+    assert sum(c[0] == "moveJ" for c in ur.calls) == moves  # nothing moved

@@ -52,12 +52,15 @@ class OnnxGraphs:
         device: str,
         intra_op_threads: int,
         carry: dict[str, str],
+        spin: bool = True,
     ) -> None:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3  # onnxruntime's own warnings are about fusions, not about us
         if intra_op_threads:
             so.intra_op_num_threads = intra_op_threads
+        if not spin:  # idle pool threads sleep at once instead of busy-waiting for the next run
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         use = [p for p in providers if p in available]
         if not use:
@@ -134,7 +137,10 @@ class OnnxPolicy(ChunkPolicy):
     ``"cuda"`` requires onnxruntime-gpu's CUDA provider to be active). providers: onnxruntime
     providers in order of preference (default: CUDA then CPU for ``"cuda"``, CPU for ``"cpu"``).
     precision: ``"fp32"``, ``"fp16"`` (the fp16 graphs the export verified), or ``"auto"`` (fp16 on
-    CUDA when the export kept it, else fp32). options: the family runner's (DP-C: ``sampler``,
+    CUDA when the export kept it, else fp32). spin: onnxruntime's pool threads busy-wait between
+    runs (its default, a little faster alone); False lets them sleep, for a process that shares the
+    CPU with a servo loop and cameras (on this 2-core machine the spinning starved the twin's camera
+    threads past the 100 ms age limit). options: the family runner's (DP-C: ``sampler``,
     ``num_inference_steps``, ``seed``).
     """
 
@@ -146,6 +152,7 @@ class OnnxPolicy(ChunkPolicy):
         precision: str = "auto",
         intra_op_threads: int = 0,
         warmup: int = 3,
+        spin: bool = True,
         **options: Any,
     ) -> None:
         if device not in ("cpu", "cuda"):
@@ -167,7 +174,7 @@ class OnnxPolicy(ChunkPolicy):
         self._check_obs_spec(graph_list[0])
         runner_class = family.onnx_runner
         self.graphs = OnnxGraphs(
-            self.model_dir, graph_list, providers, device, intra_op_threads, runner_class.CARRY
+            self.model_dir, graph_list, providers, device, intra_op_threads, runner_class.CARRY, spin
         )
         self.providers: list[str] = self.graphs.providers
         self.stage_names: list[str] = self.graphs.stage_names

@@ -57,11 +57,14 @@ def load_torch_policy(run_dir: str | Path, device: str = "cpu") -> Any:
     return fam.policy_class.from_run(run, device=device)
 
 
-def load_policy(spec: str | Path, device: str = "cpu", ensemble: EnsembleConfig | None = None) -> Any:
+def load_policy(
+    spec: str | Path, device: str = "cpu", ensemble: EnsembleConfig | None = None, spin: bool = True
+) -> Any:
     """Load a policy from an exported model dir, a training run dir, or a released model name.
 
     device: ``auto`` (CUDA where the runtime that loads it has it), ``cpu``, ``cuda`` or ``cuda:N``.
-    ensemble: the shift ensemble to run it with; None takes the model's own setting."""
+    ensemble: the shift ensemble to run it with; None takes the model's own setting. spin: False
+    for a process beside a servo loop and cameras (``OnnxPolicy``: why)."""
     from carp_policy.cli import resolve_device
     from carp_policy.policies.ensemble import ShiftEnsemble, ensemble_config
 
@@ -69,7 +72,7 @@ def load_policy(spec: str | Path, device: str = "cpu", ensemble: EnsembleConfig 
     if (path / "manifest.json").exists():
         from carp_policy.engine import OnnxPolicy
 
-        policy = OnnxPolicy(path, device=resolve_device(device, "onnxruntime").split(":")[0])
+        policy = OnnxPolicy(path, device=resolve_device(device, "onnxruntime").split(":")[0], spin=spin)
     elif (path / "config.yaml").exists():
         policy = load_torch_policy(path, device=resolve_device(device))
     else:

@@ -218,69 +218,37 @@ def record_cell(args, cfg: RecorderConfig, *, rtde_factories: tuple | None = Non
     ``rtde_factories`` (ur_rtde's control, receive and dashboard classes), ``camera_kw`` (per camera,
     the backend's ``rs=``/``cv2=`` module) and ``source`` (the operator's input) are the seams the
     tests fill with the fakes of ``carp_hardware.fake_rtde`` / ``cameras.fakes``."""
-    import yaml
-
-    from carp_hardware.cameras import make_camera
-    from carp_hardware.driver_process import rtde_driver
     from carp_sim.cli import TASK_TEXT
-    from carp_teleop.cell import DriverArm
+    from carp_teleop.cell import RobotCellDevices
     from carp_teleop.teleop import TeleopCore
 
-    if not args.cameras:
-        raise UserError("on the robot, --cameras CAMERAS.yaml is needed (docs/recording.md); or use --sim")
-    if not args.cameras.exists():
-        raise FileNotFoundError(f"cameras file not found: {args.cameras}")
-    spec = yaml.safe_load(args.cameras.read_text()) or {}
-    missing = [c for c in cfg.cameras if c not in spec]
-    if missing:
-        raise UserError(f"{args.cameras} has no camera(s) {missing} (it has {sorted(spec)})")
-    kw = camera_kw or {}
-    # every section is checked before anything opens
-    cams = {c: make_camera(c, spec[c], **kw.get(c, {})) for c in cfg.cameras}
-    if args.limits and not args.limits.exists():  # before the robot: not a connection error
-        raise FileNotFoundError(f"limits file not found: {args.limits}")
     policy, meta_policy = _policy(args)
-    opened: list = []
+    dev = RobotCellDevices(args.robot_ip, args.cameras, cfg.cameras, args.gripper_port, args.limits,
+                           rtde_factories, camera_kw)  # fmt: skip
     try:
-        try:
-            driver = rtde_driver(args.robot_ip, limits=args.limits, gripper_port=args.gripper_port,
-                                 factories=rtde_factories)
-        except (OSError, RuntimeError) as e:  # no robot at that address, remote control off, no URCap
-            raise UserError(f"cannot open the cell at {args.robot_ip}: {e} (docs/robot.md)") from None
-        opened += [driver.arm.close, driver.gripper.close]
-        driver.enable()
-        cell = DriverArm(driver, serial=driver.arm.serial())
+        cell, cams = dev.arm, dev.cameras
         source = source or _open_input(args.input)
-        opened.append(source.close)
+        dev.defer(source.close)
         teleop = TeleopCore(cell, source, cfg.teleop)
-        for cam in cams.values():
-            cam.start()
-            opened.append(cam.stop)
         writer = make_writer(args.out, cfg)
-        opened.append(writer.close)
+        dev.defer(writer.close)
         meta = {
             "task": args.task,
             "operator": args.operator,
             "calibration_id": cfg.calibration_id,
             "robot_serial": cell.serial,
-            "camera_serials": {c: cam.info().serial for c, cam in cams.items()},
+            "camera_serials": dev.camera_serials,
             "sim": False,
             "input": args.input,
             "robot_ip": args.robot_ip,
             **meta_policy,
         }
-        cell.start()
-        opened.append(cell.stop)  # stops the driver: the arm halts before anything else closes
         rec = Recorder(cfg, cell, cams, teleop, writer, TASK_TEXT[args.task], args.out, meta, policy=policy)
         n = writer.num_episodes
         print(f"carp-record: UR5e at {args.robot_ip}, writing {args.out} ({n} episodes there)")
         return rec.run(max_episodes=args.episodes, duration_s=args.duration)
     finally:
-        for close in reversed(opened):  # newest first: the driver, the writer, ..., the arm last
-            try:
-                close()
-            except Exception as e:  # one device failing to close must not keep the others open
-                print(f"carp-record: {close.__qualname__} failed: {e}")
+        dev.close()
 
 
 def main(argv: list[str] | None = None) -> int:
