@@ -459,3 +459,32 @@ def test_home_to_a_start_pose_moves_there_and_refuses_one_outside_the_limits():
         with pytest.raises(DriverError, match=why):
             drv.home(bad)
     assert sum(c[0] == "moveJ" for c in ur.calls) == moves  # nothing moved
+
+
+def test_a_servo_period_runs_from_the_end_of_the_last_wait_not_from_the_servo_command():
+    """The tick's own work (state, IK, checks) must lie inside the period: servoJ's period starts
+    when the last waitPeriod returned, unless that is a period or more ago (after a pause)."""
+    import datetime
+
+    class Control:  # ur_rtde's clock calls only, on a clock the test moves
+        def __init__(self) -> None:
+            self.t, self.waits = 0.0, []
+
+        def initPeriod(self):
+            return datetime.timedelta(seconds=self.t)
+
+        def waitPeriod(self, t0, /):
+            self.waits.append(t0.total_seconds())
+            self.t = max(self.t, t0.total_seconds() + 0.002)
+
+    arm = RtdeArm(RtdeConfig(host="unused"))
+    arm.c = c = Control()
+    t0 = arm._period_start(0.002)
+    arm._end_period(t0)  # period 1: 0 .. 2 ms
+    c.t += 0.0007  # the next tick computes for 0.7 ms before it streams
+    t1 = arm._period_start(0.002)
+    arm._end_period(t1)
+    assert c.waits == [0.0, 0.002]  # period 2 started at 2 ms, so it ends at 4 ms, not 4.7
+    assert c.t == pytest.approx(0.004)
+    c.t += 0.5  # a pause (IDLE, a home move): the next period starts now
+    assert arm._period_start(0.002).total_seconds() == pytest.approx(c.t)
