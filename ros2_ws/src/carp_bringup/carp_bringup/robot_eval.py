@@ -90,6 +90,10 @@ class Operator(Protocol):
         """Success or failure with a reason (``note``: what the driver saw, e.g. a safety stop)."""
         ...
 
+    def confirm(self, message: str) -> None:
+        """Block until the operator has done what ``message`` asks (e.g. cleared a fault)."""
+        ...
+
 
 class ConsoleOperator:
     """Prompts on a terminal: Enter when the scene is ready, Enter to end a trial early, then y/n
@@ -116,6 +120,9 @@ class ConsoleOperator:
         self._ask(f"\ntrial {trial}/{trials}: reset the scene{where}\n  press Enter to start (the arm moves)")
         self.out.write("  running: press Enter to end the trial early, Ctrl-C stops the arm\n")
         self.out.flush()
+
+    def confirm(self, message: str) -> None:
+        self._ask(f"\n{message}\n  press Enter when done")
 
     def ended(self) -> bool:
         try:
@@ -224,12 +231,25 @@ class RobotCell:
         self.trial, self.seed = self.trial + 1, int(seed)
         self._ended, self._fault = False, ""
         self.layout = sample_layout(self.task, np.random.default_rng(int(seed)))
-        with self.lock:
-            self.driver.stop("between trials")
-            # the seed's start pose, where the twin starts its episodes (and its demonstrations);
-            # DriverError (nothing moves) outside the limits, without IK, or refused
-            self.driver.home(self.layout.start_tcp)
-            self.driver.open_gripper()
+        from carp_hardware.driver import DriverError
+
+        st = self.driver.status()
+        if st.state.name == "FAULT":  # a protective stop in the last trial: the operator clears it
+            self.operator.confirm(f"the driver is in a fault ({st.reason}): clear its cause on the cell "
+                                  "(free the arm, release the stop on the pendant)")  # fmt: skip
+            try:
+                self.driver.acknowledge()  # unlock, re-upload the script, re-seed from the measured pose
+            except DriverError as e:
+                raise CellError(f"the fault did not clear: {e}") from None
+        try:
+            with self.lock:
+                self.driver.stop("between trials")
+                # the seed's start pose, where the twin starts its episodes (and its demonstrations);
+                # refused (nothing moves) outside the limits, without IK, or by the controller
+                self.driver.home(self.layout.start_tcp)
+                self.driver.open_gripper()
+        except DriverError as e:
+            raise CellError(f"cannot move to the start pose of seed {seed}: {e}") from None
         self.operator.reset_scene(self.trial, self.trials, int(seed), self.layout)
         with self.lock:
             self.driver.enable()
@@ -311,6 +331,9 @@ class TwinOperator:
         with self.lock:
             o = self.cell.outcome()
         return Verdict(bool(o.success), str(o.reason))
+
+    def confirm(self, message: str) -> None:
+        """Nothing to clear by hand in the twin (``acknowledge`` recovers its driver)."""
 
 
 class LiveTwin:

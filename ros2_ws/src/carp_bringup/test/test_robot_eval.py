@@ -122,3 +122,72 @@ def test_the_console_operator_answers_and_leaving_ends_the_run() -> None:
 
     with pytest.raises(CellError, match="operator input closed"):
         op.judge(4, "")
+
+
+class _Operator:
+    """The person at the cell, scripted: the scene is always ready, every trial is a failure."""
+
+    def __init__(self) -> None:
+        self.said: list[tuple[str, str]] = []
+
+    def reset_scene(self, trial, trials, seed, layout) -> None:
+        self.said.append(("reset", str(seed)))
+
+    def ended(self) -> bool:
+        return False
+
+    def judge(self, seed, note):
+        from carp_bringup.robot_eval import Verdict
+
+        self.said.append(("judge", note))
+        return Verdict(False, "safety stop")
+
+    def confirm(self, message) -> None:
+        self.said.append(("confirm", message))
+
+
+def test_a_protective_stop_ends_the_trial_and_the_next_starts_once_the_operator_cleared_it(tmp_path):
+    import time
+
+    from carp_bringup.robot_eval import RobotCell
+    from carp_hardware.cameras import make_camera
+    from carp_hardware.driver_process import rtde_driver
+    from carp_hardware.fake_rtde import FakeUR
+    from carp_policy import load_policy
+    from carp_sim.tasks import TaskConfig
+    from carp_teleop.cell import DriverArm
+
+    ur = FakeUR.create("fake-ur5e-fault", realtime=True, frequency=125.0)
+    driver = rtde_driver("fake-ur5e-fault", {"servo_hz": 125.0}, None, None, None, fake_rtde.FACTORIES)
+    rs = FakeRealSense([FakeDevice("111"), FakeDevice("222")])
+    cams = {c: make_camera(c, {"kind": "realsense", "realsense": {"serial": s}}, rs=rs)
+            for c, s in (("wrist", "111"), ("scene", "222"))}  # fmt: skip
+    arm, op = DriverArm(driver), _Operator()
+    for cam in cams.values():
+        cam.start()
+    arm.start()
+    try:
+        contract = load_policy(VISUAL).contract
+        cell = RobotCell(arm, cams, op, TaskConfig.load("cup"), contract, trials=2)
+        cell.reset(10000)
+        assert driver.status().state.name == "RUNNING" and not cell.done
+        ur.protective_stop()  # mid-trial: the controller kills the script, the socket stays up
+        deadline = time.monotonic() + 5
+        while not cell.done and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert cell.done  # the trial ends at once
+        assert cell.outcome().reason == "safety stop"
+        assert op.said[-1][0] == "judge" and op.said[-1][1].startswith("driver fault: protective_stop")
+        n = len(ur.calls)
+        cell.reset(10001)  # the operator is asked to clear it, then the driver recovers and homes
+        kinds = [k for k, _ in op.said]
+        assert kinds == ["reset", "judge", "confirm", "reset"] and "fault" in op.said[2][1]
+        names = [c[0] for c in ur.calls[n:]]
+        assert "unlockProtectiveStop" in names and "reuploadScript" in names
+        assert names.index("moveJ") > names.index("reuploadScript")
+        assert driver.status().state.name == "RUNNING" and not cell.done
+    finally:
+        arm.stop()
+        for cam in cams.values():
+            cam.stop()
+        driver.arm.close()
