@@ -10,7 +10,9 @@ header stamp is its capture time. Publishes ``/policy/action_chunk``
 
 Parameters: ``model`` (an exported model directory or a released model name), ``device``
 (auto | cpu | cuda), ``execute_steps`` (a decision every execute_steps * dt; 0: the model's own
-setting), ``max_age`` / ``max_skew`` (s, the aligner's refusal limits). The control period, the
+setting), ``max_age`` / ``max_skew`` (s, the aligner's refusal limits), ``ort_spin`` (onnxruntime's
+pool threads busy-wait between chunks; off by default: on the robot PC the node shares the CPU with
+the servo process and the cameras, ``engine.OnnxPolicy``). The control period, the
 observation layout and the cameras come from the model's contract (its manifest).
 Decisions run in a thread of their own (``messages.Periodic``), so the executor keeps filling the
 buffers from the subscriptions while the model computes.
@@ -56,11 +58,14 @@ class PolicyNode(Node):
             "execute_steps": 0,
             "max_age": 0.1,
             "max_skew": 0.05,
+            "ort_spin": False,
         }
         for k, v in p.items():
             self.declare_parameter(k, v, ParameterDescriptor(dynamic_typing=True))
         get = lambda k: self.get_parameter(k).value  # noqa: E731
-        policy = load_policy(get("model"), device=resolve_device(get("device"), "onnxruntime"))
+        policy = load_policy(
+            get("model"), device=resolve_device(get("device"), "onnxruntime"), spin=bool(get("ort_spin"))
+        )
         self.runner = PolicyRunner(
             policy,
             AlignerConfig(max_age=float(get("max_age")), max_skew=float(get("max_skew"))),
