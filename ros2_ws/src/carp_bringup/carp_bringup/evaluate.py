@@ -189,12 +189,16 @@ def load_policy(spec: str, device: str = "cpu", cfg: EvalConfig | None = None, s
     if cfg is not None and cfg.ensemble_grid is not None:
         ensemble = EnsembleConfig(grid=cfg.ensemble_grid, radius=cfg.ensemble_radius)
     policy = _load(spec, device=device, ensemble=ensemble, spin=spin)
-    task = policy.contract.get("task")
-    if cfg is not None and task:
+    task, tasks = policy.contract.get("task"), policy.contract.get("tasks") or []
+    if cfg is not None and (task or tasks):
         from carp_sim.tasks import TaskConfig
 
         ran = TaskConfig.load(cfg.task).name  # a variant (e.g. cup_beyond) is its task
-        if task != ran:
+        if tasks:  # a multi-task model: the task selects its embedding
+            if ran not in tasks:
+                raise ValueError(f"{spec} is a multi-task model for {tasks}, not {ran!r}")
+            policy.select_task(ran)
+        elif task != ran:
             raise ValueError(f"{spec} is a model for task {task!r}, not {ran!r} (use --task {task})")
     return policy
 

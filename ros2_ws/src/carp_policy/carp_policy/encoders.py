@@ -7,6 +7,8 @@
   training, center crop at eval.
 
 Both map a batch ``{"state": (B, O, S), "images": {cam: (B, O, H, W, 3) uint8}}`` to (B, out_dim).
+A multi-task model (``encoder.tasks``) also reads ``"task"`` (B,) int64 and adds that task's learned
+embedding to the observation embedding (``TaskEmbedding``).
 
 Width: torchvision's ResNet-18 (64-128-256-512) has 11.2M parameters per camera, more than the whole
 10M budget of the visual policy for two cameras, so the trunk takes a width multiplier; the default
@@ -91,6 +93,28 @@ class SpatialSoftmax(nn.Module):
         return torch.cat([kx, ky], dim=-1)  # (B, 2K)
 
 
+class TaskEmbedding(nn.Module):
+    """A multi-task model's task conditioning: one learned (out_dim,) row per task, added to the
+    observation embedding, so every block that the embedding conditions (CARP's adaptive LayerNorm)
+    knows the task. Zero-initialised: training starts from the task-agnostic model."""
+
+    def __init__(self, tasks: int, dim: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(tasks, dim)
+        nn.init.zeros_(self.table.weight)
+
+    def forward(self, emb: torch.Tensor, batch: dict) -> torch.Tensor:
+        # emb (B, out_dim), batch["task"] (B,) int64 -> (B, out_dim)
+        if "task" not in batch:
+            raise ValueError("a multi-task encoder needs batch['task'] (the task index per row)")
+        return emb + self.table(batch["task"])
+
+
+def task_embedding(cfg: EncoderConfig) -> TaskEmbedding | None:
+    """The encoder's task embedding (None for a single-task model)."""
+    return TaskEmbedding(len(cfg.tasks), cfg.out_dim) if cfg.tasks else None
+
+
 class StateEncoder(nn.Module):
     """MLP over the obs horizon of the normalised state: (B, O, S) -> (B, out_dim)."""
 
@@ -104,10 +128,12 @@ class StateEncoder(nn.Module):
             nn.Mish(),
             nn.Linear(cfg.hidden, cfg.out_dim),
         )
+        self.task = task_embedding(cfg)
 
     def forward(self, batch: dict) -> torch.Tensor:
         state = batch["state"]  # (B, O, S)
-        return self.net(state.flatten(1))
+        emb = self.net(state.flatten(1))  # (B, out_dim)
+        return emb if self.task is None else self.task(emb, batch)
 
 
 class VisualEncoder(nn.Module):
@@ -125,6 +151,7 @@ class VisualEncoder(nn.Module):
             self.load_pretrained(cfg.pretrained_path)
         feat = len(self.cameras) * 2 * cfg.keypoints + cfg.obs_horizon * cfg.input_state_dim
         self.fuse = nn.Sequential(nn.Linear(feat, cfg.hidden), nn.Mish(), nn.Linear(cfg.hidden, cfg.out_dim))
+        self.task = task_embedding(cfg)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -186,7 +213,8 @@ class VisualEncoder(nn.Module):
             kp = self.heads[cam](self.trunks[cam](x))  # (B*O, 2K)
             feats.append(kp.view(B, -1))
         feats.append(state.flatten(1))
-        return self.fuse(torch.cat(feats, dim=-1))
+        emb = self.fuse(torch.cat(feats, dim=-1))  # (B, out_dim)
+        return emb if self.task is None else self.task(emb, batch)
 
 
 def build_encoder(cfg: EncoderConfig) -> nn.Module:

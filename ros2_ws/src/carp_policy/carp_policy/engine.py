@@ -119,6 +119,9 @@ class OnnxGraphs:
         for cam, img in obs.images.items():
             img = img if not pad else np.concatenate([img, img[pad]])
             self.inputs[f"image_{cam}"].update_inplace(np.ascontiguousarray(img))
+        if obs.task is not None:  # a multi-task model's task index per row
+            task = obs.task if not pad else np.concatenate([obs.task, obs.task[pad]])
+            self.inputs["task"].update_inplace(np.ascontiguousarray(task, dtype=np.int64))
 
     def run_graph(self, i: int) -> None:
         t0 = time.perf_counter()
@@ -220,6 +223,8 @@ class OnnxPolicy(ChunkPolicy):
         for cam in self.spec["cameras"]:
             H, W = self.spec["image_size"]
             want[f"image_{cam}"] = {"shape": [B, O, H, W, 3], "dtype": "uint8"}
+        if self.spec.get("tasks"):
+            want["task"] = {"shape": [B], "dtype": "int64"}
         if g["inputs"] != want:
             raise ModelDirError(
                 f"{g['file']}: graph inputs {g['inputs']} do not match the manifest's observation spec {want}"
@@ -235,7 +240,7 @@ class OnnxPolicy(ChunkPolicy):
         }
         S, E = int(self.spec["state_dim"]), int(self.spec.get("env_state_dim", 0))
         obs = Observation(state=mid[:, :S], images=images, env_state=mid[:, S:] if E else None)
-        enc = self.processor.encode([obs])
+        enc = self.processor.encode([obs], task_index=0)  # any task row will do (multi-task models)
         for _ in range(runs):  # the graphs only: a refused chunk is refused at predict, not at load
             self.runner.run(enc)
         self.reset()

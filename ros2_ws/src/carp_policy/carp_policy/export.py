@@ -100,7 +100,7 @@ def observation_spec(config: Any, state_names: list[str] | None = None) -> dict[
     config's contract; state_names: the training data's names of the policy's state vector)."""
     c = config.contract(state_names)
     cams = list(c["cameras"])
-    return {
+    spec = {
         "obs_horizon": c["obs_horizon"],
         "state_dim": len(c["state_names"]),
         "state_names": c["state_names"],
@@ -112,6 +112,9 @@ def observation_spec(config: Any, state_names: list[str] | None = None) -> dict[
         "image_size": list(config.encoder.image_size) if cams else None,
         "image_format": "uint8 RGB, (obs_horizon, H, W, 3), oldest first" if cams else None,
     }
+    if c.get("tasks"):  # a multi-task model: the graph input "task" (B,) int64 indexes this list
+        spec["tasks"] = list(c["tasks"])
+    return spec
 
 
 def random_observation(spec: dict[str, Any], normalizer: Normalizer, rng: np.random.Generator) -> Observation:
@@ -134,6 +137,9 @@ def example_inputs(spec: dict[str, Any], batch: int = 1) -> tuple[list[torch.Ten
         H, W = spec["image_size"]
         args.append(torch.zeros(batch, O, H, W, 3, dtype=torch.uint8))
         names.append(f"image_{cam}")
+    if spec.get("tasks"):
+        args.append(torch.zeros(batch, dtype=torch.int64))
+        names.append("task")
     return args, names
 
 
@@ -232,6 +238,12 @@ def write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
+def select_task(policies: list[Any], task: str) -> None:
+    """Condition each of ``policies`` on ``task`` (a multi-task model's parity checks)."""
+    for p in policies:
+        p.select_task(task)
+
+
 def check_parity(policy: Any, model_dir: Path, samples: int, seed: int) -> dict[str, Any]:
     """Torch policy vs the ONNX engine (CPU) on random observations: actions (and tokens, where the
     family has them), then every row of a batched pass against the torch policy alone."""
@@ -243,8 +255,11 @@ def check_parity(policy: Any, model_dir: Path, samples: int, seed: int) -> dict[
     engine = OnnxPolicy(model_dir, device="cpu", precision="fp32")
     rng = np.random.default_rng(seed)
     max_diff, tokens_equal = 0.0, None
+    tasks = list(engine.spec.get("tasks") or [])
     for i in range(samples):
         obs = random_observation(engine.spec, policy.normalizer, rng)
+        if tasks:  # a multi-task model: every task's embedding in turn
+            select_task([policy, engine], tasks[i % len(tasks)])
         ref, got, same = fam.parity_pair(policy, engine, obs, i)
         if same is not None:
             tokens_equal = same if tokens_equal is None else tokens_equal and same
@@ -258,6 +273,7 @@ def check_parity(policy: Any, model_dir: Path, samples: int, seed: int) -> dict[
         "batch": engine.batch,
         "max_abs_action_diff": max_diff,
         "tokens_equal": tokens_equal,
+        "tasks": tasks,  # a multi-task model: the samples cycled through every task
         "tolerance": PARITY_TOL,
         "sampler": fam.parity_sampler(policy.config),
         "passed": bool(tokens_equal is not False and max_diff <= PARITY_TOL),

@@ -58,13 +58,18 @@ def load_torch_policy(run_dir: str | Path, device: str = "cpu") -> Any:
 
 
 def load_policy(
-    spec: str | Path, device: str = "cpu", ensemble: EnsembleConfig | None = None, spin: bool = True
+    spec: str | Path,
+    device: str = "cpu",
+    ensemble: EnsembleConfig | None = None,
+    spin: bool = True,
+    task: str | None = None,
 ) -> Any:
     """Load a policy from an exported model dir, a training run dir, or a released model name.
 
     device: ``auto`` (CUDA where the runtime that loads it has it), ``cpu``, ``cuda`` or ``cuda:N``.
     ensemble: the shift ensemble to run it with; None takes the model's own setting. spin: False
-    for a process beside a servo loop and cameras (``OnnxPolicy``: why)."""
+    for a process beside a servo loop and cameras (``OnnxPolicy``: why). task: the task to run; a
+    multi-task model conditions on it, a single-task model refuses another than its own."""
     from carp_policy.cli import resolve_device
     from carp_policy.policies.ensemble import ShiftEnsemble, ensemble_config
 
@@ -81,5 +86,7 @@ def load_policy(
             f"no policy at {spec!r}: expected an exported model dir (manifest.json), a carp-train run dir "
             f"(config.yaml), or a released model name under {where} (set {MODELS_ENV})"
         )
+    if task:
+        policy.select_task(task)
     ensemble = ensemble_config(policy.config, ensemble)
     return ShiftEnsemble(policy, ensemble) if ensemble.grid > 1 else policy

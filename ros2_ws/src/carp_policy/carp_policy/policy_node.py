@@ -12,7 +12,8 @@ Parameters: ``model`` (an exported model directory or a released model name), ``
 (auto | cpu | cuda), ``execute_steps`` (a decision every execute_steps * dt; 0: the model's own
 setting), ``max_age`` / ``max_skew`` (s, the aligner's refusal limits), ``ort_spin`` (onnxruntime's
 pool threads busy-wait between chunks; off by default: on the robot PC the node shares the CPU with
-the servo process and the cameras, ``engine.OnnxPolicy``). The control period, the
+the servo process and the cameras, ``engine.OnnxPolicy``), ``task`` (a multi-task model: the task
+it runs, which selects its task embedding; empty for a single-task model). The control period, the
 observation layout and the cameras come from the model's contract (its manifest).
 Decisions run in a thread of their own (``messages.Periodic``), so the executor keeps filling the
 buffers from the subscriptions while the model computes.
@@ -59,12 +60,16 @@ class PolicyNode(Node):
             "max_age": 0.1,
             "max_skew": 0.05,
             "ort_spin": False,
+            "task": "",  # a multi-task model: the task it runs (selects its embedding)
         }
         for k, v in p.items():
             self.declare_parameter(k, v, ParameterDescriptor(dynamic_typing=True))
         get = lambda k: self.get_parameter(k).value  # noqa: E731
         policy = load_policy(
-            get("model"), device=resolve_device(get("device"), "onnxruntime"), spin=bool(get("ort_spin"))
+            get("model"),
+            device=resolve_device(get("device"), "onnxruntime"),
+            spin=bool(get("ort_spin")),
+            task=str(get("task")) or None,
         )
         self.runner = PolicyRunner(
             policy,

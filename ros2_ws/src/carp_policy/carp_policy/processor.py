@@ -33,6 +33,7 @@ class EncodedObservations:
     # (B, 10) float32: the current TCP pose and gripper as a normalised action in the policy's frame
     # (where a chain decoded back from its keyframe must arrive: Chain-of-Action's stop rule)
     action_now: np.ndarray | None = None
+    task: np.ndarray | None = None  # (B,) int64: a multi-task model's task index (encoder.tasks order)
 
 
 class PolicyProcessor:
@@ -47,15 +48,36 @@ class PolicyProcessor:
         cameras: tuple[str, ...] = (),
         image_size: tuple[int, int] | list[int] | None = None,
         name: str = "policy",
+        tasks: tuple[str, ...] = (),
     ) -> None:
         self.normalizer = normalizer
+        self.tasks = tuple(tasks)  # a multi-task model's tasks; () for a single-task one
+        self.task_index: int | None = None  # the selected task's row (select_task)
         self.obs_horizon, self.state_dim, self.env_state_dim = obs_horizon, state_dim, env_state_dim
         self.cameras = tuple(cameras)
         self.image_size = tuple(image_size) if image_size is not None and self.cameras else None
         self.name = name
 
-    def encode(self, observations: list[Observation]) -> EncodedObservations:
-        """Validate each observation (ValueError naming what is wrong) and normalise it."""
+    def select_task(self, task: str) -> None:
+        """A multi-task model: condition every chunk on ``task`` (ValueError for a task it was not
+        trained on)."""
+        if task not in self.tasks:
+            raise ValueError(f"{self.name} is trained for the tasks {list(self.tasks)}, not {task!r}")
+        self.task_index = self.tasks.index(task)
+
+    def encode(self, observations: list[Observation], task_index: int | None = None) -> EncodedObservations:
+        """Validate each observation (ValueError naming what is wrong) and normalise it.
+
+        task_index: a multi-task model's task row for this call (default: the selected task's)."""
+        task = None
+        if self.tasks:
+            task_index = self.task_index if task_index is None else task_index
+            if task_index is None:
+                raise ValueError(
+                    f"{self.name} is a multi-task model ({', '.join(self.tasks)}): select the task it "
+                    "runs (--task, the node's task parameter, or select_task)"
+                )
+            task = np.full(len(observations), task_index, dtype=np.int64)
         rows = [
             _validate(o, self.obs_horizon, self.state_dim, self.cameras, self.image_size, self.env_state_dim)
             for o in observations
@@ -64,7 +86,7 @@ class PolicyProcessor:
         images = {c: np.stack([r[1][c] for r in rows]) for c in self.cameras}
         now = state[:, -1]
         here = self.normalizer.normalize_action(now[:, None, : len(ACTION_NAMES)], now)[:, 0]
-        return EncodedObservations(self.normalizer.normalize_state(state), images, now, here)
+        return EncodedObservations(self.normalizer.normalize_state(state), images, now, here, task)
 
     def decode(self, actions: np.ndarray, state_now: np.ndarray) -> np.ndarray:
         """(H, D) normalised network output -> (H, D) physical actions, rot6d re-orthonormalised.

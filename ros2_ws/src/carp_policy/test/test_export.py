@@ -546,3 +546,62 @@ def test_batched_export_runs_the_shift_ensemble_in_one_pass(tmp_path):
         b9.predict_batch(obs * 4)
     with pytest.raises(ValueError, match="1 for DP-C"):
         export_policy(_dpc_policy(), tmp_path / "dpc", verbose=False, batch=9)
+
+
+def test_multi_task_policy_exports_a_task_input_and_needs_a_task(tmp_path):
+    """A multi-task CARP (``encoder.tasks``): the encoder graph takes the task index, parity holds
+    for every task, the task changes the chunk, and a model run without a task (or with one it was
+    not trained on) is refused by name."""
+    cfg = _carp_cfg("state")
+    cfg.encoder.tasks = ("cup", "bowl")
+    torch.manual_seed(2)
+    policy = CarpPolicy(cfg, None, Normalizer(LO, HI, LO, HI))
+    _wake(policy.model.parameters())  # the zero-initialised task rows too: the tasks differ
+    manifest = export_policy(policy, tmp_path, parity_samples=4, verbose=False)
+    assert manifest["contract"]["tasks"] == manifest["observation"]["tasks"] == ["cup", "bowl"]
+    assert manifest["parity"]["passed"] and manifest["parity"]["tasks"] == ["cup", "bowl"]
+    assert manifest["graphs"][0]["inputs"]["task"] == {"shape": [1], "dtype": "int64"}
+    engine = OnnxPolicy(tmp_path, intra_op_threads=1)
+    obs = _random_observation(engine.spec, policy.normalizer, np.random.default_rng(3))
+    with pytest.raises(ValueError, match=r"multi-task model \(cup, bowl\): select the task"):
+        engine.predict(obs)
+    chunks = {}
+    for task in ("cup", "bowl"):
+        engine.select_task(task)
+        policy.select_task(task)
+        chunks[task] = engine.predict(obs).actions
+        # measured max |diff| ~2e-7 (the export's parity): 1e-6 leaves a margin
+        np.testing.assert_allclose(chunks[task], policy.predict(obs).actions, atol=1e-6, rtol=0)
+    assert np.abs(chunks["cup"] - chunks["bowl"]).max() > 1e-6
+    with pytest.raises(ValueError, match=r"trained for the tasks \['cup', 'bowl'\], not 'pour'"):
+        engine.select_task("pour")
+    # carp-eval selects the task it runs (a variant is its task) and refuses one the model lacks
+    from carp_bringup.evaluate import EvalConfig
+    from carp_bringup.evaluate import load_policy as eval_load
+
+    loaded = eval_load(str(tmp_path), cfg=EvalConfig(task="bowl_beyond"))
+    assert loaded.processor.task_index == 1
+    np.testing.assert_allclose(loaded.predict(obs).actions, chunks["bowl"], atol=1e-6, rtol=0)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    manifest["config"]["encoder"]["tasks"] = ["cup", "pour"]  # a model of two other tasks
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"is a multi-task model for \['cup', 'pour'\], not 'bowl'"):
+        eval_load(str(tmp_path), cfg=EvalConfig(task="bowl"))
+
+
+def test_task_selection_of_single_task_models_and_families_without_multi_task():
+    """A single-task model accepts only its own task; only CARP builds a multi-task model."""
+    from carp_policy.policies.coa.configuration_coa import CoaConfig
+
+    cfg = _carp_cfg("state")
+    cfg.task = "cup"
+    policy = CarpPolicy(cfg, None, Normalizer(LO, HI, LO, HI))
+    policy.select_task("cup")
+    with pytest.raises(ValueError, match="is a model for task 'cup', not 'bowl'"):
+        policy.select_task("bowl")
+    with pytest.raises(ValueError, match="not built for the coa family"):
+        CoaConfig.from_dict({"encoder": {"tasks": ["cup", "bowl"]}})
+    with pytest.raises(ValueError, match="distinct task names"):
+        CarpConfig.from_dict({"encoder": {"tasks": ["cup", "cup"]}})
+    with pytest.raises(ValueError, match=r"task 'pour' is not one of encoder\.tasks"):
+        CarpConfig.from_dict({"task": "pour", "encoder": {"tasks": ["cup", "bowl"]}})

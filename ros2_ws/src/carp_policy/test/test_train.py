@@ -325,3 +325,59 @@ def test_shift_ensemble_undoes_the_shift_for_an_equivariant_policy():
         visual = ReachThenCarry()
         visual.cameras = ("wrist",)
         ShiftEnsemble(visual, EnsembleConfig(grid=3, radius=0.02))
+
+
+def _state_dataset(root: Path, episodes: int, object_x: float, seed: int) -> None:
+    """A small real dataset (LeRobot layout, no cameras): a TCP moving towards an object at
+    ``object_x``, with the twin's 8-number environment state."""
+    from carp_policy.actions import ACTION_NAMES
+    from carp_policy.dataset import DatasetWriter
+
+    rng = np.random.default_rng(seed)
+    env_names = [f"env_{i}" for i in range(8)]
+    with DatasetWriter(root, fps=10.0, cameras={}, env_state_names=env_names) as w:
+        for _ in range(episodes):
+            w.begin_episode(task="reach")
+            obj = np.r_[object_x + rng.uniform(-0.03, 0.03), rng.uniform(-0.1, 0.1), 0.03, 0, 0, 1, 0.5, 0.1]
+            for t in range(20):
+                a = t / 19
+                xyz = [(1 - a) * 0.45 + a * obj[0], a * obj[1], 0.35 - 0.2 * a]
+                pose = np.r_[xyz, 1, 0, 0, 0, -1, 0, 0.085]
+                w.add_frame(0.1 * t, {}, pose, pose[: len(ACTION_NAMES)], env_state=obj)
+            w.save_episode(success=True)
+
+
+@pytest.mark.slow
+def test_multi_task_run_from_one_dataset_per_task(tmp_path):
+    """``--dataset cup=DIR --dataset bowl=DIR``: one model with a task embedding per dataset; the run
+    records the tasks, holds out episodes of each, resumes, and its policy needs a task."""
+    _state_dataset(tmp_path / "cup", 4, 0.55, seed=1)
+    _state_dataset(tmp_path / "bowl", 4, 0.35, seed=2)
+    run, cfg = tmp_path / "run", _config(tmp_path, "state_env")
+    data = ["--dataset", f"cup={tmp_path / 'cup'}", "--dataset", f"bowl={tmp_path / 'bowl'}"]
+    steps = ["--tokenizer-steps", "10", "--policy-steps", "5"]
+    r = _train("--config", str(cfg), *data, "--out", str(run), *steps)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = CarpConfig.load(run / "config.yaml")
+    assert list(saved.encoder.tasks) == ["cup", "bowl"] and saved.task == ""
+    r = _train("--config", str(cfg), *data, "--out", str(run), "--stage", "policy", "--resume",
+               "--policy-steps", "8")  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [int(float(x["step"])) for x in _rows(run / "loss_policy.csv")][-1] == 7
+    policy = CarpPolicy.from_run(run)
+    assert policy.contract["tasks"] == ["cup", "bowl"]
+    state = np.tile(np.r_[0.45, 0.0, 0.35, 1, 0, 0, 0, -1, 0, 0.085], (2, 1))
+    env = np.tile([0.5, 0.05, 0.03, 0, 0, 1, 0.5, 0.1], (2, 1))
+    obs = Observation(state=state, env_state=env)
+    with pytest.raises(ValueError, match=r"multi-task model \(cup, bowl\): select the task"):
+        policy.predict(obs)
+    policy.select_task("bowl")
+    assert np.all(np.isfinite(policy.predict(obs).actions))
+    with pytest.raises(ValueError, match="trained for the tasks \\['cup', 'bowl'\\], not 'pour'"):
+        policy.select_task("pour")
+    # a mistake: two datasets without their task names, and a resumed run given other tasks
+    r = _train("--config", str(cfg), "--dataset", str(tmp_path / "cup"), "--dataset", str(tmp_path / "bowl"),
+               "--out", str(tmp_path / "x"))  # fmt: skip
+    assert r.returncode == 2 and "needs TASK=DIR for each" in r.stderr
+    r = _train("--config", str(cfg), "--dataset", f"cup={tmp_path / 'cup'}", "--out", str(run), "--resume")
+    assert r.returncode == 2 and "do not match the datasets' ['cup']" in r.stderr

@@ -6,7 +6,7 @@ No torch and no pandas here, so a recorder machine needs only numpy, pyarrow and
 """
 
 from .format import DatasetError, VideoConfig
-from .reader import Episode, EpisodeDataset, KeyMap, WindowDataset, split_episodes
+from .reader import Episode, EpisodeDataset, KeyMap, MultiTaskEpisodes, WindowDataset, split_episodes
 from .validate import validate_dataset
 from .writer import DatasetWriter
 
@@ -16,6 +16,7 @@ __all__ = [
     "Episode",
     "EpisodeDataset",
     "KeyMap",
+    "MultiTaskEpisodes",
     "VideoConfig",
     "WindowDataset",
     "split_episodes",

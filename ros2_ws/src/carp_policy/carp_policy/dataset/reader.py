@@ -473,12 +473,52 @@ def split_episodes(
     return sorted(perm[n_val:].tolist()), sorted(perm[:n_val].tolist())
 
 
+class MultiTaskEpisodes:
+    """Several tasks' datasets as one, each episode labelled with its task's index (a multi-task
+    model's training data). The same episode interface ``WindowDataset`` reads, positions running
+    through the datasets in order; ``task_ids[i]`` is episode i's task index."""
+
+    def __init__(self, datasets: list[EpisodeDataset], tasks: list[str]) -> None:
+        if len(datasets) != len(tasks) or len(set(tasks)) != len(tasks):
+            raise ValueError(f"one dataset per task, tasks distinct: got {len(datasets)} datasets, {tasks}")
+        names = [tuple(d.state_names) for d in datasets]
+        if len(set(names)) != 1:
+            raise ValueError(f"the tasks' datasets record different state vectors: {dict(zip(tasks, names))}")
+        self.datasets, self.tasks = list(datasets), list(tasks)
+        self.state_names = list(names[0])
+        self.cameras = [c for c in datasets[0].cameras if all(c in d.cameras for d in datasets)]
+        self._index = [(k, i) for k, d in enumerate(datasets) for i in range(len(d))]  # position -> (k, i)
+        self.task_ids = np.asarray([k for k, _ in self._index], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def positions(self, task: int) -> list[int]:
+        """The positions of task ``task``'s episodes."""
+        return [p for p, (k, _) in enumerate(self._index) if k == task]
+
+    def vectors(self, i: int) -> dict[str, np.ndarray]:
+        k, j = self._index[i]
+        return self.datasets[k].vectors(j)
+
+    def episode(self, i: int) -> Episode:
+        k, j = self._index[i]
+        return self.datasets[k].episode(j)
+
+    def preload(self, episodes: list[int] | None = None, progress: bool = True) -> None:
+        for k, d in enumerate(self.datasets):
+            wanted = range(len(self)) if episodes is None else episodes
+            mine = [self._index[p][1] for p in wanted if self._index[p][0] == k]
+            d.preload(mine, progress=progress)
+
+
 class WindowDataset:
     """Training windows: one per frame t of each selected episode.
 
     Item: state (O, Ds) float32 and images {cam: (O, H, W, 3) uint8} for frames t-O+1..t (frame 0
     repeated before the start), action (H, Da) float32 for rows t..t+H-1 (the last row repeated
-    past the end), episode (position in the dataset) and frame t.
+    past the end), episode (position in the dataset) and frame t; over a ``MultiTaskEpisodes``
+    also task (the episode's task index).
     """
 
     def __init__(
@@ -504,6 +544,7 @@ class WindowDataset:
         # (episode, frame) for every window, as two flat arrays for O(1) lookup
         self._ep = np.repeat(np.asarray(self.episodes, dtype=np.int64), lengths)
         self._t = np.concatenate([np.arange(n) for n in lengths]) if lengths else np.zeros(0, np.int64)
+        self._task_ids = getattr(dataset, "task_ids", None)  # a multi-task dataset's labels
 
     def __len__(self) -> int:
         return len(self._t)
@@ -518,13 +559,24 @@ class WindowDataset:
         if self.cameras:
             ep_images = self.dataset.episode(e).images
             images = {c: ep_images[c][obs] for c in self.cameras}
-        return {
+        item = {
             "state": v["state"][obs],
             "images": images,
             "action": v["action"][act],
             "episode": e,
             "frame": t,
         }
+        if self._task_ids is not None:
+            item["task"] = int(self._task_ids[e])
+        return item
 
 
-__all__ = ["QUANTILE_KEYS", "Episode", "EpisodeDataset", "KeyMap", "WindowDataset", "split_episodes"]
+__all__ = [
+    "QUANTILE_KEYS",
+    "Episode",
+    "EpisodeDataset",
+    "KeyMap",
+    "MultiTaskEpisodes",
+    "WindowDataset",
+    "split_episodes",
+]

@@ -50,6 +50,10 @@ class EncoderConfig:
     pretrained_path: str | None = None  # optional trunk state dict (full width only); never required
     hidden: int = 128  # MLP width of the state encoder / fusion MLP
     out_dim: int = 64  # observation embedding size (= the network's conditioning size)
+    # Multi-task: the tasks one model is trained on, in the order of its task embedding's rows (the
+    # CARP paper's multi-task setting). Each task's learned embedding is added to the observation
+    # embedding; the node selects the row by the task's name. () = a single-task model.
+    tasks: tuple[str, ...] = ()
 
     @property
     def input_state_dim(self) -> int:
@@ -149,11 +153,13 @@ def check_data_options(
 class PolicyConfig:
     """Fields every family shares: what the model is for and how a node must run it.
 
-    ``task``, ``dt``, ``execute_steps`` (with the family's chunk horizon, the encoder's cameras and
+    ``task`` (or a multi-task model's ``encoder.tasks``), ``dt``, ``execute_steps`` (with the
+    family's chunk horizon, the encoder's cameras and
     image size, and the normalizer's state names) are the contract a node reads from the manifest
     to run a model right (``contract``)."""
 
     FAMILY: ClassVar[str] = ""  # the registry name of the family (carp_policy.policies)
+    MULTI_TASK: ClassVar[bool] = False  # its export feeds a task index (encoder.tasks) to the graphs
 
     name: str = "policy"  # run / model name (manifest, reports)
     family: str = ""  # the family this config belongs to; the registry key ("" = this class's)
@@ -180,6 +186,15 @@ class PolicyConfig:
                 "encoder.color_jitter is [brightness, contrast, saturation], each in [0, 1), "
                 f"got {list(enc.color_jitter)}"
             )
+        if enc.tasks:
+            if not self.MULTI_TASK:
+                raise ValueError(
+                    f"encoder.tasks (a multi-task model) is not built for the {self.FAMILY} family"
+                )
+            if len(set(enc.tasks)) != len(enc.tasks) or not all(enc.tasks):
+                raise ValueError(f"encoder.tasks must be distinct task names, got {list(enc.tasks)}")
+            if self.task and self.task not in enc.tasks:
+                raise ValueError(f"task {self.task!r} is not one of encoder.tasks {list(enc.tasks)}")
         if self.dt <= 0:
             raise ValueError(f"dt must be > 0 (seconds), got {self.dt}")
         if not 1 <= self.execute_steps <= self.horizon:
@@ -207,7 +222,7 @@ class PolicyConfig:
         S, E = enc.state_dim, enc.env_state_dim
         names = list(state_names) if state_names and len(state_names) == S + E else None
         env_names = names[S:] if names else [f"env_{i}" for i in range(E)]
-        return {
+        out = {
             "task": self.task,
             "dt": self.dt,
             "horizon": self.horizon,
@@ -217,6 +232,9 @@ class PolicyConfig:
             "env_state_names": env_names,
             "cameras": {c: list(enc.image_size) for c in enc.used_cameras},
         }
+        if enc.tasks:  # a multi-task model: the tasks a node may select (single-task contracts lack it)
+            out["tasks"] = list(enc.tasks)
+        return out
 
     # ------------------------------------------------------------------ YAML (yaml_config)
     def to_dict(self) -> dict[str, Any]:

@@ -46,6 +46,10 @@ class ShiftEnsemble:
     def reset(self) -> None:
         self.policy.reset()
 
+    def select_task(self, task: str) -> None:
+        """The wrapped model's task (a multi-task model's embedding)."""
+        self.policy.select_task(task)
+
     def predict(self, observation: Observation) -> ActionChunk:
         """Observation -> the mean of the K shifted-back chunks (K = grid**2 inferences: one batched
         pass of an engine exported at batch >= K, else K calls)."""

@@ -58,8 +58,18 @@ class ChunkPolicy:
             self.cameras,
             tuple(enc.image_size) if self.cameras else None,
             name=config.name,
+            tasks=tuple(enc.tasks),
         )
         self.contract: dict[str, Any] = config.contract(normalizer.state_names)
+
+    def select_task(self, task: str) -> None:
+        """The task this model runs: a multi-task model's choice of task embedding (ValueError for
+        one it was not trained on); a single-task model only checks that it is its own task."""
+        own = self.contract.get("task")
+        if self.processor.tasks:
+            self.processor.select_task(task)
+        elif own and task != own:
+            raise ValueError(f"{self.config.name} is a model for task {own!r}, not {task!r}")
 
     @property
     def batch(self) -> int:

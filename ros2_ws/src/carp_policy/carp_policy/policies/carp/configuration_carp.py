@@ -45,6 +45,7 @@ class CarpConfig(PolicyConfig):
     """Everything that defines a CARP policy and how it is trained."""
 
     FAMILY: ClassVar[str] = "carp"
+    MULTI_TASK: ClassVar[bool] = True
 
     name: str = "carp_state"  # run / model name (manifest, reports)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)  # stage 1: action tokens

@@ -1,6 +1,6 @@
 """CARP's ONNX graphs: K + 1 graphs with fully static shapes (batch 1, or the shift ensemble's size).
 
-    carp_obs.onnx      state, image_<cam>           -> cond, tokens, f_hat_out, x_next, present_k/v
+    carp_obs.onnx      state, image_<cam>[, task]   -> cond, tokens, f_hat_out, x_next, present_k/v
                        (observation encoder + scale 1: start tokens, K/V of scale 1, greedy argmax,
                         the tokenizer's accumulation and the next scale's input)
     carp_scale<i>.onnx cond, x_in, f_hat, past_k/v  -> tokens, f_hat_out, x_next, present_k/v
@@ -36,12 +36,16 @@ class _CarpObsGraph(nn.Module):
         super().__init__()
         self.model, self.cameras, self.half_ = model, cameras, half
 
-    def forward(self, state: torch.Tensor, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, state: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # inputs: one (B, O, H, W, 3) uint8 image per camera, then a multi-task model's (B,) task
         m, tok, gpt = self.model, self.model.tokenizer, self.model.gpt
         dt = torch.float16 if self.half_ else torch.float32
         if m.cfg.encoder.kind != "visual":  # the state MLP runs in the graph's precision
             state = state.to(dt)
-        cond = m.encoder({"state": state, "images": dict(zip(self.cameras, images))}).to(dt)  # (B, E)
+        batch = {"state": state, "images": dict(zip(self.cameras, inputs))}
+        if m.cfg.encoder.tasks:
+            batch["task"] = inputs[len(self.cameras)]
+        cond = m.encoder(batch).to(dt)  # (B, E)
         B = cond.shape[0]
         past_k, past_v = gpt.empty_cache(B)
         f_hat = cond.new_zeros(B, tok.D * tok.C, tok.L)
@@ -193,7 +197,7 @@ def try_fp16(policy: Any, out: Path, manifest: dict[str, Any], samples: int, see
     matches fp32 on a test set of random observations (the decoder always stays fp32). Rejected
     graphs are deleted: a model dir only holds what the engine may run."""
     from carp_policy.engine import OnnxPolicy
-    from carp_policy.export import random_observation, write_manifest
+    from carp_policy.export import random_observation, select_task, write_manifest
 
     spec = manifest["observation"]
     try:
@@ -217,8 +221,11 @@ def try_fp16(policy: Any, out: Path, manifest: dict[str, Any], samples: int, see
         return drop(f"onnxruntime could not run the fp16 graphs here: {e}"[:300])
     rng = np.random.default_rng(seed + 1)
     same, diff = 0, 0.0
-    for _ in range(samples):
+    tasks = list(spec.get("tasks") or [])
+    for i in range(samples):
         obs = random_observation(spec, policy.normalizer, rng)
+        if tasks:  # a multi-task model: every task's embedding in turn
+            select_task([fp32, fp16], tasks[i % len(tasks)])
         a32, t32 = fp32.predict_with_tokens(obs)
         a16, t16 = fp16.predict_with_tokens(obs)
         same += all(np.array_equal(x, y) for x, y in zip(t32, t16))

@@ -178,6 +178,8 @@ class TorchRunner:
         }
         if obs.action_now is not None:
             batch["action_now"] = torch.from_numpy(np.ascontiguousarray(obs.action_now)).to(self.device)
+        if obs.task is not None:
+            batch["task"] = torch.from_numpy(obs.task).to(self.device)
         return batch
 
     def run(self, obs: EncodedObservations, **kw: Any) -> np.ndarray:
