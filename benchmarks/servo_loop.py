@@ -2,14 +2,16 @@
 cost of the safety checks, and the time from a chunk's arrival to its first servo command.
 
     .venv/bin/python benchmarks/servo_loop.py [--seconds 30] [--policy models/cup] \
-        [--out benchmarks/results/servo_loop.json]
+        [--modes thread,process,process_rt] [--rt-priority 80] [--out benchmarks/results/servo_loop.json]
 
-Four runs, each ``--seconds`` long, of the real driver core (``ArmDriver``) streaming to
+Six runs, each ``--seconds`` long, of the real driver core (``ArmDriver``) streaming to
 - the scripted ur_rtde fake in real-time mode (its ``waitPeriod`` sleeps and spins to the period
   end, as ur_rtde does), and
 - the twin at wall-clock pace (``SimArm(realtime=True)``, one 2 ms physics step per tick),
-each with the servo loop in a thread of the process that runs the policy, and in its own process
-(the policy in the parent; chunks cross a multiprocessing queue). Beside the loop the released
+each with the servo loop in a thread of the process that runs the policy, in its own process
+(the policy in the parent; chunks cross a multiprocessing queue), and in its own process under
+SCHED_FIFO (``process_rt``: what the driver node's servo process asks for,
+``DriverConfig.servo_rt_priority``; the JSON records whether the OS granted it). Beside the loop the released
 policy predicts continuously (the CPU load of inference); every 100 ms a chunk (a small circle
 around the start pose, so that every one is accepted) goes to the loop. Writes JSON (machine,
 commit) and a PNG of the period distributions.
@@ -67,8 +69,15 @@ def _make_driver(backend: str):
     return drv, cell
 
 
-def servo_loop(backend: str, seconds: float, inbox, results) -> None:
-    """The loop: one ``tick()`` per period; chunks arrive through ``inbox`` (a queue)."""
+def servo_loop(backend: str, seconds: float, inbox, results, rt_priority: int = 0) -> None:
+    """The loop: one ``tick()`` per period; chunks arrive through ``inbox`` (a queue). rt_priority:
+    SCHED_FIFO for this process first (``driver_process.realtime``, as the driver node's servo
+    process does)."""
+    rt = None
+    if rt_priority:
+        from carp_hardware.driver_process import realtime
+
+        rt = realtime(rt_priority)
     drv, _cell = _make_driver(backend)
     drv.enable()
     start = drv.status().tcp_cmd
@@ -92,7 +101,7 @@ def servo_loop(backend: str, seconds: float, inbox, results) -> None:
             arrival_to_servo.append(stamps[-1] - pending)  # the tick after arrival streams the new path
             pending = None
     keep = ("refusals", "stops", "faults", "ticks")
-    results.put({"stamps": stamps, "arrival_to_servo": arrival_to_servo, "transit": transit,
+    results.put({"stamps": stamps, "arrival_to_servo": arrival_to_servo, "transit": transit, "realtime": rt,
                  "diagnostics": {k: v for k, v in drv.diagnostics().items() if k in keep}})  # fmt: skip
 
 
@@ -117,12 +126,14 @@ def _policy_load(policy_spec: str, stop: threading.Event, inbox) -> int:
     return n
 
 
-def run(backend: str, mode: str, seconds: float, policy: str) -> dict:
+def run(backend: str, mode: str, seconds: float, policy: str, rt_priority: int = 80) -> dict:
+    """One run; mode: thread, process, or process_rt (the process under SCHED_FIFO rt_priority)."""
     ctx = mp.get_context("spawn")
     stop = threading.Event()
-    if mode == "process":
+    if mode in ("process", "process_rt"):
         inbox, results = ctx.Queue(), ctx.Queue()
-        proc = ctx.Process(target=servo_loop, args=(backend, seconds, inbox, results))
+        rt = rt_priority if mode == "process_rt" else 0
+        proc = ctx.Process(target=servo_loop, args=(backend, seconds, inbox, results, rt))
         proc.start()
     else:
         inbox, results = queue.Queue(), queue.Queue()
@@ -134,7 +145,7 @@ def run(backend: str, mode: str, seconds: float, policy: str) -> dict:
     out = results.get(timeout=seconds + 120)
     stop.set()
     pt.join()
-    if mode == "process":
+    if mode != "thread":
         proc.join()
     else:
         th.join()
@@ -149,7 +160,7 @@ def run(backend: str, mode: str, seconds: float, policy: str) -> dict:
         "overruns_over_1ms": int((jitter > 1.0).sum()),
         "chunk_arrival_to_first_servo_ms": {"p50": pct(a2s, 50), "p99": pct(a2s, 99), "n": len(a2s)},
         "queue_transit_ms": {"p50": pct(np.array(out["transit"]) * 1e3, 50)},
-        "policy_predictions": counter.get("n"), "driver": out["diagnostics"],
+        "policy_predictions": counter.get("n"), "driver": out["diagnostics"], "realtime": out["realtime"],
         "_periods": periods,
     }  # fmt: skip
 
@@ -207,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--policy", default="models/cup")
     ap.add_argument("--backends", default="fake_rtde,twin")
-    ap.add_argument("--modes", default="thread,process")
+    ap.add_argument("--modes", default="thread,process,process_rt",
+                    help="thread, process, process_rt (the servo process under SCHED_FIFO)")
+    ap.add_argument("--rt-priority", type=int, default=80, help="SCHED_FIFO priority of process_rt")
     ap.add_argument("--out", type=Path, default=machine.REPO / "benchmarks" / "results" / "servo_loop.json")
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -217,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for backend in args.backends.split(","):
         for mode in args.modes.split(","):
-            r = run(backend, mode, args.seconds, args.policy)
+            r = run(backend, mode, args.seconds, args.policy, args.rt_priority)
             a2s = r["chunk_arrival_to_first_servo_ms"]["p50"]
             print(f"{backend:9s} {mode:7s} period p50 {r['period_ms']['p50']:.3f} ms, jitter p99 "
                   f"{r['jitter_ms']['p99']:.3f} ms max {r['jitter_ms']['max']:.2f} ms, arrival->servo p50 "

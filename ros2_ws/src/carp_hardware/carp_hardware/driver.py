@@ -117,6 +117,12 @@ class DriverConfig:
     home_speed: float = 0.5  # rad/s of the leading joint (moveJ)
     home_acceleration: float = 0.8  # rad/s^2
     check_controller_poses: bool = True  # ask Arm.check_pose for every chunk step at acceptance
+    # The servo process (driver_process) on the robot: SCHED_FIFO at this priority (1-99; 0 = the
+    # normal scheduler), so policy inference and camera threads cannot preempt a tick. Needs
+    # CAP_SYS_NICE or an rtprio limit (the docker image grants both); without, a warning and the
+    # normal scheduler. ur_rtde's own threads run at their rt_priority.
+    servo_rt_priority: int = 80
+    servo_cpu: int = -1  # pin the servo process to this core (an isolated one); -1 = any core
 
     def __post_init__(self) -> None:
         if not (np.isfinite(self.servo_hz) and self.servo_hz > 0):
@@ -133,6 +139,8 @@ class DriverConfig:
             raise ValueError("DriverConfig: blend_s >= 0, pose_lead_s > 0, gripper_period_s >= 0")
         if len(self.home_q) != 6:
             raise ValueError("DriverConfig.home_q must hold 6 joint angles")
+        if not 0 <= int(self.servo_rt_priority) <= 99 or int(self.servo_cpu) < -1:
+            raise ValueError("DriverConfig: servo_rt_priority must be in 0..99 and servo_cpu >= -1")
 
     @classmethod
     def load(cls, path) -> DriverConfig:

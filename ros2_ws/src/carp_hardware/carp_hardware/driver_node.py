@@ -110,7 +110,11 @@ class DriverNode(Node):
             else:  # the robot's path over the scripted fake controller, without a gripper
                 build = functools.partial(fake_driver, "fake-ur5e", cfg.servo_hz, True, None, to_dict(cfg),
                                           clock=self.clock)  # fmt: skip
-            self.driver = DriverProcess(build)
+            cpu = cfg.servo_cpu if cfg.servo_cpu >= 0 else None
+            self.driver = DriverProcess(build, rt_priority=cfg.servo_rt_priority, cpu=cpu)
+            if self.driver.realtime["error"]:
+                why = self.driver.realtime["error"]
+                self.get_logger().warning(f"servo process under the normal scheduler: {why}")
         else:
             raise ValueError(f"ur5e_driver_node: backend must be rtde, sim or fake_rtde, got {backend!r}")
         self.backend = backend
@@ -278,6 +282,8 @@ class DriverNode(Node):
         if d["state"] == "fault":
             st.level = DiagnosticStatus.ERROR
         st.message = f"{d['state']}" + (f": {d['reason']}" if d.get("reason") else "")
+        if self.cell is None:  # the servo process's scheduling (SCHED_FIFO priority, core, or why not)
+            d["servo_realtime"] = self.driver.realtime
         st.values = [KeyValue(key=k, value=json.dumps(v, default=float)) for k, v in d.items()]
         arr = DiagnosticArray(status=[st])
         arr.header.stamp = time_to_msg(self.clock.now())

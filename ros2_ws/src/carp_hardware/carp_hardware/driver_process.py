@@ -21,6 +21,7 @@ Safety across the process boundary:
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import pickle
 import sys
 import threading
@@ -37,19 +38,43 @@ _METHODS = ("submit_chunk", "command_pose", "command_twist", "enable", "stop", "
             "serial")  # fmt: skip
 
 
-def _serve(build: Callable[[], Any], conn) -> None:
+def realtime(rt_priority: int = 0, cpu: int | None = None) -> dict[str, Any]:
+    """Put the calling process under SCHED_FIFO at ``rt_priority`` (0: leave the scheduler alone)
+    and pin it to core ``cpu`` (None: any). Returns what took effect: ``{"priority", "cpu",
+    "error"}``; an error (no CAP_SYS_NICE / rtprio limit, no such core) is reported, never raised:
+    the loop still runs, under the normal scheduler, and says so."""
+    out: dict[str, Any] = {"priority": 0, "cpu": None, "error": None}
+    errors = []
+    if cpu is not None:
+        try:
+            os.sched_setaffinity(0, {int(cpu)})
+            out["cpu"] = int(cpu)
+        except (OSError, ValueError) as e:
+            errors.append(f"core {cpu}: {e}")
+    if rt_priority > 0:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(int(rt_priority)))
+            out["priority"] = int(rt_priority)
+        except (OSError, AttributeError) as e:  # EPERM without the capability; no SCHED_FIFO off Linux
+            errors.append(f"SCHED_FIFO {rt_priority}: {e} (grant CAP_SYS_NICE or an rtprio limit)")
+    out["error"] = "; ".join(errors) or None
+    return out
+
+
+def _serve(build: Callable[[], Any], conn, rt_priority: int = 0, cpu: int | None = None) -> None:
     """The child: build the driver, then requests between ticks until told to close or orphaned."""
     import signal
 
     # Ctrl-C in a terminal reaches the whole process group: the parent stops the arm in order
     # (close), the child must not die mid-tick on its own KeyboardInterrupt
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    rt = realtime(rt_priority, cpu)  # before build: ur_rtde's threads inherit the policy
     try:
         driver = build()
     except Exception as e:  # a robot that cannot be opened: the parent raises it
         conn.send((0, "err", e))
         return
-    conn.send((0, "ok", driver.dt))
+    conn.send((0, "ok", (driver.dt, rt)))
     periods: deque[float] = deque(maxlen=2000)
     last = time.perf_counter()
 
@@ -115,18 +140,32 @@ def _call(driver, name: str, args: tuple, periods: deque) -> Any:
 class DriverProcess:
     """An ``ArmDriver`` in a child process, called like the driver itself (module docstring).
 
-    ``timeout_s``: how long a call may wait for the child's answer (``home`` waits its move)."""
+    ``timeout_s``: how long a call may wait for the child's answer (``home`` waits its move).
+    ``rt_priority`` / ``cpu``: the child's SCHED_FIFO priority and core (``realtime``; what took
+    effect is ``self.realtime``, and a warning on stderr when it could not)."""
 
-    def __init__(self, build: Callable[[], Any], timeout_s: float = 2.0, start_timeout_s: float = 60) -> None:
+    def __init__(
+        self,
+        build: Callable[[], Any],
+        timeout_s: float = 2.0,
+        start_timeout_s: float = 60,
+        rt_priority: int = 0,
+        cpu: int | None = None,
+    ) -> None:
         ctx = mp.get_context("spawn")  # no fork of a process that holds DDS, onnxruntime or MuJoCo threads
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_serve, args=(build, child), name="carp-servo", daemon=True)
+        self._proc = ctx.Process(
+            target=_serve, args=(build, child, rt_priority, cpu), name="carp-servo", daemon=True
+        )
         self._proc.start()
         child.close()
         self._lock = threading.Lock()
         self._seq = 0
         self.timeout_s = float(timeout_s)
-        self.dt = float(self._answer(0, start_timeout_s, "start"))
+        dt, self.realtime = self._answer(0, start_timeout_s, "start")
+        self.dt = float(dt)
+        if self.realtime["error"]:
+            print(f"carp-servo: warning: normal scheduling: {self.realtime['error']}", file=sys.stderr)
 
     @property
     def pid(self) -> int | None:

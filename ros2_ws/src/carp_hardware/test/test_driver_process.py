@@ -67,6 +67,31 @@ def test_refusals_and_exceptions_cross_the_process_boundary(proc: DriverProcess)
         proc.call("tick")  # the loop is the child's: not callable from outside
 
 
+def test_the_servo_process_runs_under_sched_fifo_on_its_core_or_says_why_not() -> None:
+    """``rt_priority`` / ``cpu``: the child's scheduling as asked where the OS allows it, and what
+    did not take effect reported (the loop runs either way)."""
+    import os
+
+    p = DriverProcess(functools.partial(fake_driver, "fake-ur5e-rt", servo_hz=125.0), rt_priority=10, cpu=0)
+    try:
+        rt = p.realtime
+        if rt["priority"] == 10:  # allowed here (CAP_SYS_NICE or an rtprio limit)
+            assert os.sched_getscheduler(p.pid) == os.SCHED_FIFO and rt["error"] is None
+            assert os.sched_getparam(p.pid).sched_priority == 10
+        else:
+            assert "SCHED_FIFO 10" in rt["error"] and os.sched_getscheduler(p.pid) == os.SCHED_OTHER
+        assert rt["cpu"] == 0 and os.sched_getaffinity(p.pid) == {0}
+        p.enable()
+        assert p.diagnostics()["state"] == "running"
+    finally:
+        p.close()
+    from carp_hardware.driver_process import realtime
+
+    before = os.sched_getaffinity(0)
+    got = realtime(0, cpu=4096)  # no such core: reported, nothing changed, nothing raised
+    assert got["cpu"] is None and "core 4096" in got["error"] and os.sched_getaffinity(0) == before
+
+
 def test_a_robot_that_cannot_be_opened_raises_in_the_parent() -> None:
     build = functools.partial(fake_driver, "fake-ur5e-absent", robot_present=False)
     with pytest.raises(RuntimeError, match="no robot at 'fake-ur5e-absent'"):

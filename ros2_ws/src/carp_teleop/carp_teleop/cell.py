@@ -128,6 +128,7 @@ class RobotCellDevices:
         import yaml
 
         from carp_hardware.cameras import make_camera
+        from carp_hardware.driver import DriverConfig
         from carp_hardware.driver_process import DriverProcess, rtde_driver
         from carp_policy.cli import UserError
 
@@ -150,7 +151,8 @@ class RobotCellDevices:
                 if process or build is not None:
                     lim = None if limits is None else str(limits)
                     build = build or functools.partial(rtde_driver, robot_ip, None, lim, gripper_port)
-                    driver = DriverProcess(build)
+                    rt = DriverConfig()  # the servo process's real-time scheduling (its defaults)
+                    driver = DriverProcess(build, rt_priority=rt.servo_rt_priority)
                     self._opened.append(driver.close)  # stops the arm, closes the backends in the child
                     serial = driver.serial()
                 else:
