@@ -52,6 +52,9 @@ class TaskConfig:
     name: str = "cup"
     object_x: tuple[float, float] = (-0.55, -0.40)  # cup / bowl start position
     object_y: tuple[float, float] = (0.0, 0.25)
+    # A band of object_y where no object starts ([low, high]; () = none): demonstrations with a
+    # region in the middle left out, for a held-out evaluation there (cup_holed / cup_middle).
+    object_y_exclude: tuple[float, ...] = ()
     object_yaw: tuple[float, float] = (-3.14159, 3.14159)
     target_x: tuple[float, float] = (-0.52, -0.45)  # cup target area / pot centre
     target_y: tuple[float, float] = (-0.28, -0.22)
@@ -104,6 +107,12 @@ class TaskConfig:
             lo, hi = getattr(self, key)
             if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
                 raise ValueError(f"task {self.name}: range {key}={[lo, hi]} must be finite with low <= high")
+        ex = tuple(self.object_y_exclude)
+        if ex and not (len(ex) == 2 and self.object_y[0] < ex[0] < ex[1] < self.object_y[1]):
+            raise ValueError(
+                f"task {self.name}: object_y_exclude={list(ex)} must be a band [low, high] strictly "
+                f"inside object_y={list(self.object_y)}"
+            )
         tx, ty = TABLE_CENTER
         hx, hy = TABLE_HALF
         for what, xs, ys in (
@@ -169,6 +178,9 @@ def sample_layout(cfg: TaskConfig, rng: np.random.Generator) -> EpisodeLayout:
     target = np.array([rng.uniform(*cfg.target_x), rng.uniform(*cfg.target_y)])
     for _ in range(100):
         obj = np.array([rng.uniform(*cfg.object_x), rng.uniform(*cfg.object_y)])
+        ex = cfg.object_y_exclude
+        if ex and ex[0] <= obj[1] <= ex[1]:
+            continue  # the held-out band (a draw only where a band is set: other layouts unchanged)
         if np.linalg.norm(obj - target) > 0.2:
             break
     else:

@@ -276,8 +276,30 @@ def test_task_variants_change_only_what_they_list(tmp_path):
     p.write_text("variant_of: cup\nobject_yy: [0.0, 0.1]\n")
     with pytest.raises(ValueError, match="object_yy"):
         TaskConfig.load(p)
-    with pytest.raises(ValueError, match="known tasks and variants: bowl, bowl_beyond, cup, cup_beyond"):
+    known = "known tasks and variants: bowl, bowl_beyond, cup, cup_beyond, cup_holed, cup_middle"
+    with pytest.raises(ValueError, match=known):
         TaskConfig.load("mug")
+
+
+def test_the_held_out_middle_band_is_left_out_of_cup_holed_and_is_all_of_cup_middle(tmp_path):
+    """cup_holed never starts a cup in object_y_exclude; cup_middle starts it only there; without a
+    band the layouts of a seed are what they always were."""
+    from carp_sim.tasks import sample_layout
+
+    base, holed, middle = TaskConfig.load("cup"), TaskConfig.load("cup_holed"), TaskConfig.load("cup_middle")
+    lo, hi = holed.object_y_exclude
+    assert (lo, hi) == tuple(middle.object_y) and {**vars(holed), "object_y_exclude": ()} == vars(base)
+    ys_holed = [sample_layout(holed, np.random.default_rng(s)).object_xy[1] for s in range(300)]
+    ys_mid = [sample_layout(middle, np.random.default_rng(s)).object_xy[1] for s in range(50)]
+    assert not any(lo <= y <= hi for y in ys_holed) and min(ys_holed) < lo and max(ys_holed) > hi
+    assert all(lo <= y <= hi for y in ys_mid)
+    a = sample_layout(base, np.random.default_rng(7))
+    b = sample_layout(TaskConfig.load("cup"), np.random.default_rng(7))
+    assert np.array_equal(a.object_xy, b.object_xy)
+    p = tmp_path / "bad.yaml"
+    p.write_text("variant_of: cup\nobject_y_exclude: [0.2, 0.3]\n")
+    with pytest.raises(ValueError, match="strictly inside object_y"):
+        TaskConfig.load(p)
 
 
 @pytest.mark.slow
