@@ -65,91 +65,60 @@ def open_dataset(
     """Dataset directory (or ``synthetic[:N]``), or one directory per task of ``encoder.tasks`` ->
     (train windows, val windows, train action-only windows, normalizer, episodes). Images are only
     loaded where the encoder needs them. A multi-task model's split holds out episodes of every task."""
-    if not isinstance(spec, str):
-        if not cfg.encoder.tasks:
-            (spec,) = spec
-        else:
-            return _open_multi_task(list(spec), cfg, seed)
     enc = cfg.encoder
+    dirs = [spec] if isinstance(spec, str) else list(spec)
+    where = ", ".join(dirs)
     cams = list(enc.cameras) if enc.kind == "visual" else []
-    if spec.startswith("synthetic"):
+    if enc.tasks and len(dirs) != len(enc.tasks):
+        raise ValueError(f"encoder.tasks {list(enc.tasks)} needs one dataset per task, got {dirs}")
+    if not enc.tasks and len(dirs) != 1:
+        raise ValueError(f"a single-task model reads one dataset, got {dirs}")
+    if dirs[0].startswith("synthetic") and not enc.tasks:
         from carp_policy.synthetic import SyntheticEpisodes, SyntheticWindows, split_episodes
 
-        n = int(spec.split(":")[1]) if ":" in spec else 20
+        n = int(dirs[0].split(":")[1]) if ":" in dirs[0] else 20
         size, env_dim = tuple(enc.image_size), enc.env_state_dim
         ds = SyntheticEpisodes(n, seed=seed, image_size=size, cameras=tuple(cams), env_state_dim=env_dim)
-        windows = SyntheticWindows
+        windows, parts = SyntheticWindows, [ds]
     else:
-        if not Path(spec).is_dir():
-            raise FileNotFoundError(f"dataset directory not found: {spec}")
-        from carp_policy.dataset import EpisodeDataset, KeyMap, WindowDataset, split_episodes
+        from carp_policy.dataset import (
+            EpisodeDataset,
+            KeyMap,
+            MultiTaskEpisodes,
+            WindowDataset,
+            split_episodes,
+        )
         from carp_policy.dataset.format import ENV_STATE_KEY
 
         keymap = KeyMap(env_state_key=ENV_STATE_KEY) if enc.env_state_dim else None
-        ds = EpisodeDataset(spec, keymap=keymap, image_size=tuple(enc.image_size) if cams else None)
+        parts = []
+        for d in dirs:
+            if not Path(d).is_dir():
+                raise FileNotFoundError(f"dataset directory not found: {d}")
+            parts.append(EpisodeDataset(d, keymap=keymap, image_size=tuple(enc.image_size) if cams else None))
+        ds = MultiTaskEpisodes(parts, list(enc.tasks)) if enc.tasks else parts[0]
         windows = WindowDataset
         missing = [c for c in cams if c not in ds.cameras]
         if missing:
-            raise ValueError(f"dataset {spec} lacks camera(s) {missing} (has {ds.cameras})")
+            raise ValueError(f"dataset {where} lacks camera(s) {missing} (has {ds.cameras})")
     if len(ds.state_names) != enc.input_state_dim:
         raise ValueError(
-            f"dataset {spec}: the policy's state has {len(ds.state_names)} numbers {ds.state_names}, the "
+            f"dataset {where}: the policy's state has {len(ds.state_names)} numbers {ds.state_names}, the "
             f"config expects state_dim {enc.state_dim} + env_state_dim {enc.env_state_dim}"
         )
-    if len(ds) < 2:
-        raise ValueError(f"dataset {spec} has {len(ds)} episode(s); need at least 2 (train + validation)")
-    train_idx, val_idx = split_episodes(len(ds), val_fraction=cfg.train.val_fraction, seed=seed)
+    train_idx, val_idx = [], []
+    for k, (d, part) in enumerate(zip(dirs, parts)):  # every task keeps its share of validation episodes
+        if len(part) < 2:
+            raise ValueError(f"dataset {d} has {len(part)} episode(s); need at least 2 (train + validation)")
+        pos = ds.positions(k) if enc.tasks else list(range(len(part)))
+        tr, va = split_episodes(len(part), val_fraction=cfg.train.val_fraction, seed=seed)
+        train_idx += [pos[i] for i in tr]
+        val_idx += [pos[i] for i in va]
     H = cfg.window  # the chunk, or a family's longer span (policies/base.py)
     train = windows(ds, train_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     val = windows(ds, val_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
     actions_only = windows(ds, train_idx, obs_horizon=1, action_horizon=H, cameras=[])
     vectors = [ds.vectors(i) for i in train_idx]  # the validation episodes stay unseen
-    normalizer = Normalizer.fit(
-        [(v["state"], v["action"]) for v in vectors], H, list(ds.state_names), cfg.frame,
-        shift=cfg.train.shift_augment,
-    )  # fmt: skip
-    return train, val, actions_only, normalizer, ds
-
-
-def _open_multi_task(
-    dirs: list[str], cfg: PolicyConfig, seed: int
-) -> tuple[Dataset, Dataset, Dataset, Normalizer, Any]:
-    """``open_dataset`` for a multi-task model: one directory per task of ``encoder.tasks``, in order."""
-    from carp_policy.dataset import EpisodeDataset, KeyMap, MultiTaskEpisodes, WindowDataset, split_episodes
-    from carp_policy.dataset.format import ENV_STATE_KEY
-
-    enc = cfg.encoder
-    if len(dirs) != len(enc.tasks):
-        raise ValueError(f"encoder.tasks {list(enc.tasks)} needs one dataset per task, got {dirs}")
-    cams = list(enc.cameras) if enc.kind == "visual" else []
-    keymap = KeyMap(env_state_key=ENV_STATE_KEY) if enc.env_state_dim else None
-    parts = []
-    for d in dirs:
-        if not Path(d).is_dir():
-            raise FileNotFoundError(f"dataset directory not found: {d}")
-        parts.append(EpisodeDataset(d, keymap=keymap, image_size=tuple(enc.image_size) if cams else None))
-    ds = MultiTaskEpisodes(parts, list(enc.tasks))
-    missing = [c for c in cams if c not in ds.cameras]
-    if missing:
-        raise ValueError(f"datasets {dirs} do not all have camera(s) {missing}")
-    if len(ds.state_names) != enc.input_state_dim:
-        raise ValueError(
-            f"datasets {dirs}: the policy's state has {len(ds.state_names)} numbers, the config expects "
-            f"state_dim {enc.state_dim} + env_state_dim {enc.env_state_dim}"
-        )
-    train_idx, val_idx = [], []
-    for k, part in enumerate(parts):  # every task keeps its share of validation episodes
-        if len(part) < 2:
-            raise ValueError(f"dataset {dirs[k]} has {len(part)} episode(s); need at least 2")
-        pos = ds.positions(k)
-        tr, va = split_episodes(len(part), val_fraction=cfg.train.val_fraction, seed=seed)
-        train_idx += [pos[i] for i in tr]
-        val_idx += [pos[i] for i in va]
-    H = cfg.window
-    train = WindowDataset(ds, train_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
-    val = WindowDataset(ds, val_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
-    actions_only = WindowDataset(ds, train_idx, obs_horizon=1, action_horizon=H, cameras=[])
-    vectors = [ds.vectors(i) for i in train_idx]
     normalizer = Normalizer.fit(
         [(v["state"], v["action"]) for v in vectors], H, list(ds.state_names), cfg.frame,
         shift=cfg.train.shift_augment,
