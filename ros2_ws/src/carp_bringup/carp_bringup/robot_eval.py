@@ -329,8 +329,16 @@ class TwinOperator:
 
     def judge(self, seed: int, note: str) -> Verdict:
         with self.lock:
-            o = self.cell.outcome()
-        return Verdict(bool(o.success), str(o.reason))
+            o, ended = self.cell.outcome(), bool(self.cell.done)
+        reason = str(o.reason)
+        # The trial ran out on the wall clock, whose pace the twin's own clock follows only closely:
+        # a twin a few ticks short of its timeout would call the same failure by its state alone.
+        # A trial a driver fault ended early keeps the driver's word, as an operator would.
+        if not o.success and note.startswith("driver fault"):
+            reason = f"{note} ({reason})"
+        elif not o.success and not ended and not reason.startswith("timeout"):
+            reason = f"timeout ({reason})"
+        return Verdict(bool(o.success), reason)
 
     def confirm(self, message: str) -> None:
         """Nothing to clear by hand in the twin (``acknowledge`` recovers its driver)."""
