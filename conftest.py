@@ -45,6 +45,18 @@ def stop_process(proc: subprocess.Popen, timeout: float = 20.0) -> str:
 
 
 @pytest.fixture()
+def one_thread():
+    """One torch intra-op thread for a test that trains a tiny model: as fast as two, and immune to
+    OpenMP's contention cliff (two threads beside any other busy process ran 20x slower here)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture()
 def stop():
     """``stop_process`` for tests (a fixture: test modules cannot import each other here)."""
     return stop_process

@@ -214,7 +214,7 @@ def safety_tick_cost(n: int = 5000) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--policy", default="models/cup")
     ap.add_argument("--backends", default="fake_rtde,twin")

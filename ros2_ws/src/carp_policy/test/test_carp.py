@@ -250,7 +250,7 @@ def test_mismatched_weights_are_rejected():
 
 
 @pytest.mark.slow
-def test_tiny_policy_overfits_a_few_trajectories():
+def test_tiny_policy_overfits_a_few_trajectories(one_thread):
     """The transformer memorises 12 chunks from 3 synthetic episodes: every token right, so the
     generated chunk is exactly the tokenizer's reconstruction of the demonstrated one.
 

@@ -22,13 +22,7 @@ from carp_policy.train import BatchNormalizer, policy_ema
 IMG = (24, 32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast and avoids OpenMP contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def tiny_config(kind: str = "state", max_len: int = 24) -> CoaConfig:

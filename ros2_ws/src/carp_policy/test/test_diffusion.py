@@ -26,13 +26,7 @@ from carp_policy.train import BatchNormalizer, policy_ema
 IMG = (24, 32)  # tiny frames keep the visual tests fast; the real configs use 120x160
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one intra-op thread is as fast and avoids OpenMP contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def tiny_config(kind: str = "state", **noise) -> DiffusionConfig:

@@ -31,13 +31,7 @@ LO = np.array([0.2, -0.4, 0.0, -1, -1, -1, -1, -1, -1, 0.0])
 HI = np.array([0.7, 0.4, 0.5, 1, 1, 1, 1, 1, 1, 0.085])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared CPU cores: one torch thread avoids oversubscription stalls in tracing and inference."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest.py)
 
 
 def _carp_cfg(kind: str) -> CarpConfig:

@@ -98,7 +98,7 @@ def test_wrong_action_shape_is_named():
 
 
 @pytest.mark.slow
-def test_trained_tokenizer_reconstructs_smooth_trajectories():
+def test_trained_tokenizer_reconstructs_smooth_trajectories(one_thread):
     """Train on synthetic pick-and-place chunks; held-out chunks come back within 25 mm / 3 deg / 5 mm.
 
     Stated tolerance (mean over held-out episodes, after 1200 steps of batch 32, ~1 min on 2 CPU
