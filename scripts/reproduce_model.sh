@@ -7,7 +7,7 @@
 # Each step is skipped when its result is already there (the dataset, a finished runs/NAME), so the
 # script can be re-run after an interruption. VARIETY=wide records the varied expert demonstrations
 # (carp-sim collect --expert-variety wide) into data/TASK_wide instead of data/TASK; DATA=DIR names
-# another dataset. It writes DEST (default models/NAME: ONNX + manifest),
+# another dataset; EPISODES=N collects N demonstrations (default 50, seeds 0..N-1). It writes DEST (default models/NAME: ONNX + manifest),
 # copies the training record to DEST/training/ and the evaluations (seeds 10000, 20000, 30000: never
 # data seeds) to DEST/eval/. The model card (MODEL_CARD.md) is written by hand from those.
 set -euo pipefail
@@ -26,7 +26,7 @@ export MUJOCO_GL=${MUJOCO_GL:-egl}
 [ -x "$BIN/carp-train" ] || bash scripts/bootstrap.sh
 
 if [ ! -f "$DATA/meta/info.json" ]; then
-  "$BIN/carp-sim" collect --task "$TASK" --episodes 50 --out "$DATA" --seed 0 --expert-variety "$VARIETY"
+  "$BIN/carp-sim" collect --task "$TASK" --episodes "${EPISODES:-50}" --out "$DATA" --seed 0 --expert-variety "$VARIETY"
 fi
 if [ ! -f "runs/$NAME/policy_report.json" ]; then
   # the task goes into the run config and the manifest: carp-eval refuses a model made for another

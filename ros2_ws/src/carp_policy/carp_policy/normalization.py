@@ -16,6 +16,12 @@ to be read off one demonstrated layout per episode. Rotations and the gripper st
 Measured in the twin (docs/results.md), the relative frame halved the open-loop error
 but failed in closed loop: offsets anchor the arm to nothing once the state leaves the
 demonstrated ones. The shipped configs stay absolute and use translation augmentation instead.
+
+``relative_xy``: x and y as in ``relative``, z absolute (chunk and scene). The table is flat and
+fixed, so where the object lies is a horizontal offset that a wrist camera sees from every frame,
+while the grasp and place heights are the same absolute numbers in every demonstration. Visual CARP
+in the fully relative frame descended by the demonstrated depth from wherever the arm was, through
+the table (docs/results.md, "Visual CARP: the relative frame and more demonstrations").
 """
 
 from __future__ import annotations
@@ -27,13 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from carp_policy.actions import POS, ROT6D
+from carp_policy.actions import ROT6D
 
 # A dimension that never moves in the data (e.g. a gripper that stays open) would divide by ~0;
 # a floor of 1 mm keeps its normalised value bounded without distorting real ranges.
 MIN_RANGE = 1e-3
 UNIT_SUFFIXES = ("_up_x", "_up_y", "_up_z")  # state names of unit-vector components: passed through
-FRAMES = ("absolute", "relative")
+# the frames, each with the TCP axes its positions are measured from (the others stay absolute)
+FRAME_AXES: dict[str, tuple[int, ...]] = {"absolute": (), "relative": (0, 1, 2), "relative_xy": (0, 1)}
+FRAMES = tuple(FRAME_AXES)
 _AXES = {"_x": 0, "_y": 1, "_z": 2}
 
 
@@ -73,7 +81,7 @@ class Normalizer:
     action_min: np.ndarray
     action_max: np.ndarray
     state_names: list[str] = field(default_factory=list)  # of the policy's state vector, if known
-    frame: str = "absolute"  # "absolute" | "relative" (positions from the TCP, see the module doc)
+    frame: str = "absolute"  # "absolute" | "relative" | "relative_xy" (positions from the TCP: module doc)
 
     def __post_init__(self) -> None:
         self._cache: dict[tuple[str, str], tuple[Any, Any]] = {}  # float32 (scale, offset) per device
@@ -86,7 +94,11 @@ class Normalizer:
         self.shift_dims, self.shift_axes = [0, 1, *(d for d, _ in xy)], [0, 1, *(a for _, a in xy)]
         if self.frame not in FRAMES:
             raise ValueError(f"frame must be one of {FRAMES}, got {self.frame!r}")
-        if self.frame == "relative" and self.state_names and self.state_names[:3] != ["x", "y", "z"]:
+        # the TCP axes measured from the TCP, and the scene positions that move with them
+        self.rel_axes = list(FRAME_AXES[self.frame])
+        rel = [(d, a) for d, a in zip(self.env_dims, self.env_axes) if a in self.rel_axes]
+        self.rel_env_dims, self.rel_env_axes = [d for d, _ in rel], [a for _, a in rel]
+        if self.rel_axes and self.state_names and self.state_names[:3] != ["x", "y", "z"]:
             raise ValueError(
                 f"a relative frame needs the TCP position first in the state, got {self.state_names[:3]}"
             )
@@ -157,26 +169,28 @@ class Normalizer:
     # ------------------------------------------------------------------ frame
     def state_to_frame(self, x: Any) -> Any:
         """(..., S) physical state (NumPy or torch) -> the policy's frame (a copy where it changes)."""
-        if self.frame == "absolute":
+        if not self.rel_axes:
             return x
         y = _copy(x)
-        y[..., self.env_dims] = x[..., self.env_dims] - x[..., self.env_axes]
+        y[..., self.rel_env_dims] = x[..., self.rel_env_dims] - x[..., self.rel_env_axes]
         return y
 
     def actions_to_frame(self, actions: Any, state_now: Any) -> Any:
         """(..., H, 10) physical actions -> the policy's frame; state_now (..., S): the decision time."""
-        if self.frame == "absolute":
+        if not self.rel_axes:
             return actions
         y = _copy(actions)
-        y[..., POS] = actions[..., POS] - state_now[..., None, POS]
+        ax = self.rel_axes
+        y[..., ax] = actions[..., ax] - state_now[..., None, ax]
         return y
 
     def actions_from_frame(self, actions: Any, state_now: Any) -> Any:
         """Inverse of ``actions_to_frame``: (..., H, 10) in the policy's frame -> physical (base frame)."""
-        if self.frame == "absolute":
+        if not self.rel_axes:
             return actions
         y = _copy(actions)
-        y[..., POS] = actions[..., POS] + state_now[..., None, POS]
+        ax = self.rel_axes
+        y[..., ax] = actions[..., ax] + state_now[..., None, ax]
         return y
 
     @staticmethod

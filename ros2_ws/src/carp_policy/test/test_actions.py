@@ -257,7 +257,35 @@ def test_relative_frame_round_trip_stats_and_save(tmp_path):
         Normalizer(*(np.zeros(0),) * 4, state_names=["gripper", *names[1:]], frame="relative")
 
 
-@pytest.mark.parametrize("frame", ["absolute", "relative"])
+def test_relative_xy_frame_keeps_heights_absolute():
+    # relative_xy: x, y from the TCP (chunk and scene), z as recorded: the table's height is the same
+    # number in every demonstration, the object's place on it is not
+    from carp_policy.normalization import Normalizer
+
+    names = [*STATE_NAMES, "object_x", "object_y", "object_z", "object_up_x", "object_up_y",
+             "object_up_z", "target_x", "target_y"]  # fmt: skip
+    rng = np.random.default_rng(1)
+    state, actions = rng.normal(size=(5, 2, 18)), rng.normal(size=(5, 16, 10))
+    nz = Normalizer(*(np.zeros(0),) * 4, state_names=names, frame="relative_xy")
+    rel = nz.state_to_frame(state)
+    xy = [10, 11, 16, 17]  # object_x, object_y, target_x, target_y
+    np.testing.assert_allclose(rel[..., xy], state[..., xy] - state[..., [0, 1, 0, 1]])
+    keep = [i for i in range(18) if i not in xy]  # robot state, object z, up axis
+    np.testing.assert_array_equal(rel[..., keep], state[..., keep])
+    chunk = nz.actions_to_frame(actions, state[:, -1])
+    np.testing.assert_allclose(chunk[..., :2], actions[..., :2] - state[:, -1, None, :2])
+    np.testing.assert_array_equal(chunk[..., 2:], actions[..., 2:])  # z, rotation, gripper unchanged
+    np.testing.assert_allclose(nz.actions_from_frame(chunk, state[:, -1]), actions)
+    t = nz.actions_from_frame(torch.from_numpy(chunk), torch.from_numpy(state[:, -1]))
+    np.testing.assert_allclose(t.numpy(), actions)
+    # the fit sees the windows in the frame: the z range is the recorded one
+    ep_state, ep_action = rng.normal(size=(30, 18)), rng.normal(size=(30, 10))
+    fitted = Normalizer.fit([(ep_state, ep_action)], 16, names, "relative_xy")
+    assert fitted.action_min[2] == ep_action[:, 2].min() and fitted.action_max[2] == ep_action[:, 2].max()
+    assert Normalizer.from_stats(fitted.to_dict()).frame == "relative_xy"
+
+
+@pytest.mark.parametrize("frame", ["absolute", "relative", "relative_xy"])
 def test_fitted_ranges_cover_the_translation_augmentation(frame):
     """Normalizer.fit(shift=s): any window moved by d in [-s, s]^2 (what the augmentation of
     train.BatchNormalizer does) normalises inside [-1, 1]; without the shift it would not."""

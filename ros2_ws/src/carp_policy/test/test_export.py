@@ -430,8 +430,10 @@ def test_environment_state_policy_exports_and_checks_env_state(tmp_path):
             policy.predict(bad)
 
 
-@pytest.mark.parametrize("family", ["carp", "dpc"])
-def test_relative_frame_policy_exports_with_parity(family, tmp_path):
+@pytest.mark.parametrize(
+    "family, frame", [("carp", "relative"), ("dpc", "relative"), ("carp", "relative_xy")]
+)
+def test_relative_frame_policy_exports_with_parity(family, frame, tmp_path):
     """A relative-frame policy (chunk offsets from the TCP, scene positions from the TCP): the engine
     applies the same frame change as torch on both sides of the graphs, and the chunk it returns is
     in the base frame, following the TCP it was computed from."""
@@ -439,21 +441,21 @@ def test_relative_frame_policy_exports_with_parity(family, tmp_path):
     names[:3] = ["x", "y", "z"]
     rel_lo, rel_hi = np.array([-0.3, -0.3, -0.2]), np.array([0.3, 0.3, 0.2])
     a_lo, a_hi = np.r_[rel_lo, LO[3:]], np.r_[rel_hi, HI[3:]]
-    norm = Normalizer(np.r_[LO, -0.5, -0.5], np.r_[HI, 0.5, 0.5], a_lo, a_hi, names, frame="relative")
+    norm = Normalizer(np.r_[LO, -0.5, -0.5], np.r_[HI, 0.5, 0.5], a_lo, a_hi, names, frame=frame)
     torch.manual_seed(3)
     if family == "carp":
         cfg = _carp_cfg("state")
-        cfg.encoder.env_state_dim, cfg.frame = 2, "relative"
+        cfg.encoder.env_state_dim, cfg.frame = 2, frame
         policy = CarpPolicy(cfg, None, norm)
         params = policy.model.parameters()
     else:
         policy = _dpc_policy()
-        policy.config.encoder.env_state_dim, policy.config.frame = 2, "relative"
+        policy.config.encoder.env_state_dim, policy.config.frame = 2, frame
         policy = type(policy)(policy.config, norm)
         params = policy.model.parameters()
     _wake(params)
     manifest = export_policy(policy, tmp_path, parity_samples=2, verbose=False)
-    assert manifest["normalization"]["frame"] == "relative"
+    assert manifest["normalization"]["frame"] == frame
     engine = OnnxPolicy(tmp_path, intra_op_threads=1)
     state = np.tile(np.r_[0.4, 0.1, 0.3, 1, 0, 0, 0, -1, 0, 0.08], (2, 1))
     noise = np.random.default_rng(0).standard_normal((16, 10)).astype(np.float32)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from carp_policy.normalization import FRAMES
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -125,8 +127,8 @@ def check_data_options(
     The shifts move positions only: the images of a visual policy would not move with them, so a
     shifted window would contradict what the cameras show. An ensemble may only use the shifts the
     model was trained on, and in the relative frame a shift of the whole scene changes nothing."""
-    if frame not in ("absolute", "relative"):
-        raise ValueError(f"frame must be 'absolute' or 'relative', got {frame!r}")
+    if frame not in FRAMES:
+        raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
     if train.shift_augment < 0:
         raise ValueError(f"train.shift_augment must be >= 0 (metres), got {train.shift_augment}")
     if train.shift_augment > 0 and encoder.kind == "visual":
@@ -166,7 +168,7 @@ class PolicyConfig:
     task: str = ""  # the task the model is trained for (carp_sim.tasks name, e.g. "cup"); "" = any
     dt: float = 0.1  # s, the control period: one action per dt (the demonstrations' rate, 10 Hz)
     execute_steps: int = 8  # steps of each chunk executed before re-planning
-    frame: str = "absolute"  # positions as recorded, or "relative" to the TCP (normalization.py)
+    frame: str = "absolute"  # as recorded, "relative" to the TCP, or "relative_xy" (normalization.py)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)  # observation encoder (encoders.py)
     train: TrainConfig = field(default_factory=TrainConfig)  # training loop (carp-train)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)  # test-time shift ensemble
