@@ -21,7 +21,7 @@ demonstrated ones. The shipped configs stay absolute and use translation augment
 fixed, so where the object lies is a horizontal offset that a wrist camera sees from every frame,
 while the grasp and place heights are the same absolute numbers in every demonstration. Visual CARP
 in the fully relative frame descended by the demonstrated depth from wherever the arm was, through
-the table (docs/results.md, "Visual CARP: the relative frame and more demonstrations").
+the table (docs/results.md, "Visual CARP: the frame and more demonstrations").
 """
 
 from __future__ import annotations
