@@ -8,9 +8,13 @@ is where the object and the target are. The first chunk therefore shows, free of
 whether a policy carries what it learned from the demonstrated layouts over to new ones: for each
 evaluation layout it compares the policy's first chunk with the scripted expert's, computed from the
 same observation. Reported per policy: the xy error of the chunk's last step (where it aims) and the
-mean position error over the chunk, in mm. With --data it also reports how far each evaluation
-object is from the nearest demonstrated one, and what always aiming at the mean demonstrated object
-position would score: the scale against which "uses the object position" can be read.
+mean position error over the chunk, in mm; how far the chunk's first step lies from the TCP (the
+driver refuses a chunk that starts more than its ``max_start_distance`` away); and, per axis, the
+correlation over the layouts between where the chunk ends and where the object is (the expert's is
+~1: a policy near 0 on an axis does not see the object's position along it). With --data it also
+reports how far each evaluation object is from the nearest demonstrated one, and what always aiming
+at the mean demonstrated object position would score: the scale against which "uses the object
+position" can be read.
 Visual policies get the twin's camera renders of each layout. Writes JSON with the machine and the
 commit. Needs mujoco (the twin), no GPU.
 """
@@ -67,19 +71,35 @@ def main(argv: list[str] | None = None) -> int:
         expert.append(make_expert(cell, s).predict(obs).actions)
         objects.append(obs.env_state[:2])
     objects = np.array(objects)
+    ref_ends = np.array([e[-1, :2] for e in expert])
     result: dict = {"machine": machine.machine_info(), "task": args.task, "seeds": list(seeds)}
+    result["expert_aim_object_correlation"] = {
+        axis: float(np.corrcoef(ref_ends[:, i], objects[:, i])[0, 1]) for i, axis in enumerate("xy")
+    }
     result["policies"] = {}
     for label, spec, policy in policies:
-        aim, mean = [], []
+        aim, mean, start, ends = [], [], [], []
         for s, ref in zip(seeds, expert):
             history = ObservationHistory(policy.obs_horizon)
-            chunk = policy.predict(history.push(cell.reset(s))).actions
+            obs = cell.reset(s)
+            chunk = policy.predict(history.push(obs)).actions
             aim.append(np.linalg.norm(chunk[-1, :2] - ref[-1, :2]) * 1e3)
             mean.append(np.linalg.norm(chunk[:, :3] - ref[:, :3], axis=1).mean() * 1e3)
+            start.append(np.linalg.norm(chunk[0, :3] - np.asarray(obs.state)[:3]) * 1e3)
+            ends.append(chunk[-1, :2])
+        ends = np.array(ends)
         result["policies"][label or spec] = {
             "policy": spec,
             "aim_xy_mm": {"mean": np.mean(aim), "median": np.median(aim), "max": np.max(aim)},
             "chunk_position_mm": {"mean": np.mean(mean)},
+            "first_step_from_tcp_mm": {
+                "mean": np.mean(start),
+                "median": np.median(start),
+                "max": np.max(start),
+            },
+            "aim_object_correlation": {
+                axis: float(np.corrcoef(ends[:, i], objects[:, i])[0, 1]) for i, axis in enumerate("xy")
+            },
             "per_layout_aim_mm": [round(float(a), 1) for a in aim],
         }
     if args.data:
@@ -93,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     cell.close()
     print(f"{args.task}, {args.layouts} layouts from seed {args.seed}: first chunk vs the expert's")
     for spec, r in result["policies"].items():
+        corr, start = r["aim_object_correlation"], r["first_step_from_tcp_mm"]["mean"]
         print(f"  {spec}: aim {r['aim_xy_mm']['mean']:.1f} mm mean (median {r['aim_xy_mm']['median']:.1f}), "
-              f"chunk {r['chunk_position_mm']['mean']:.1f} mm")  # fmt: skip
+              f"chunk {r['chunk_position_mm']['mean']:.1f} mm, first step {start:.1f} mm from the TCP, "
+              f"aim/object correlation x {corr['x']:.2f} y {corr['y']:.2f}")  # fmt: skip
     if "reference" in result:
         ref = result["reference"]
         nearest = ref["nearest_demonstrated_object_mm"]["mean"]

@@ -37,11 +37,12 @@ def _group_norm(channels: int) -> nn.GroupNorm:
 class ResNetTrunk(nn.Module):
     """ResNet-18 topology (2-2-2-2 BasicBlocks) with GroupNorm and a width multiplier, no pooling/fc.
 
-    (B, 3, H, W) -> (B, 8*width, H/32, W/32). Built from torchvision's BasicBlock; module names follow
+    (B, 3, H, W) -> (B, 8*width, H/32, W/32); with ``stages=3`` it stops after layer3:
+    (B, 4*width, H/16, W/16). Built from torchvision's BasicBlock; module names follow
     torchvision.models.resnet18 so its state dicts load at width 64.
     """
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, stages: int = 4) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = _group_norm(width)
@@ -51,8 +52,8 @@ class ResNetTrunk(nn.Module):
         self.layer1 = self._make_layer(width, 1)
         self.layer2 = self._make_layer(width * 2, 2)
         self.layer3 = self._make_layer(width * 4, 2)
-        self.layer4 = self._make_layer(width * 8, 2)
-        self.out_channels = width * 8
+        self.layer4 = self._make_layer(width * 8, 2) if stages == 4 else nn.Identity()
+        self.out_channels = width * 2 ** (stages - 1)
 
     def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
         down = None
@@ -143,7 +144,9 @@ class VisualEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.cameras = tuple(cfg.cameras)
-        self.trunks = nn.ModuleDict({c: ResNetTrunk(cfg.resnet_width) for c in self.cameras})
+        self.trunks = nn.ModuleDict(
+            {c: ResNetTrunk(cfg.resnet_width, cfg.trunk_stages) for c in self.cameras}
+        )
         self.heads = nn.ModuleDict(
             {c: SpatialSoftmax(self.trunks[c].out_channels, cfg.keypoints) for c in self.cameras}
         )

@@ -157,6 +157,25 @@ def test_policy_predicts_a_valid_chunk(kind):
     pol.reset()
 
 
+def test_trunk_stages_picks_the_keypoint_maps_resolution():
+    """encoder.trunk_stages: 4 keypoints on the 1/32 map, 3 on layer3's 1/16 map (no layer4 weights);
+    a visual policy with 3 stages still predicts a valid chunk; other values are refused."""
+    from carp_policy.encoders import ResNetTrunk
+
+    x = torch.zeros(1, 3, 108, 144)
+    assert ResNetTrunk(8, 4)(x).shape == (1, 64, 4, 5)
+    three = ResNetTrunk(8, 3)
+    assert three(x).shape == (1, 32, 7, 9) and three.out_channels == 32
+    assert not any(k.startswith("layer4") for k in three.state_dict())
+    cfg = tiny_config("visual")
+    cfg.encoder.trunk_stages = 3
+    torch.manual_seed(0)
+    pol = CarpPolicy(cfg, None, _identity_normalizer())
+    assert pol.predict(_obs("visual", 1)).actions.shape == (16, 10)
+    with pytest.raises(ValueError, match="trunk_stages"):
+        EncoderConfig(kind="visual", trunk_stages=5)
+
+
 def test_visual_crop_is_random_in_training_and_centered_at_eval():
     m = _model("visual")
     img = torch.arange(2 * 3 * 120 * 160, dtype=torch.float32).view(2, 3, 120, 160)
@@ -315,3 +334,36 @@ def test_the_tokenizer_encodes_in_fp32_inside_the_trainers_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         m.loss(obs, actions.bfloat16())
     assert seen == [(False, torch.float32)]
+
+
+def test_auxiliary_chunk_head_adds_its_l1_and_never_changes_inference():
+    """transformer.aux_weight: loss = cross-entropy + w * L1(head(cond), chunk); the head trains and
+    saves with the policy stage, and the generated chunk is the same as without it."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.transformer = TransformerConfig(depth=2, width=32, heads=2, aux_weight=2.0)
+    m = CarpModel(cfg).eval()
+    assert set(m.policy_stage_modules()) == {"encoder", "gpt", "aux_head"}
+    assert m.policy_log_fields == ("token_acc", "aux_l1")
+    obs = {"state": torch.randn(3, 2, 10), "images": {}}
+    actions = torch.rand(3, 16, 10) * 2 - 1
+    loss, info = m.loss(obs, actions)
+    cond = m.encoder(obs)
+    aux = torch.nn.functional.l1_loss(m.aux_head(cond).view(3, 16, 10), actions)
+    assert info["aux_l1"] == pytest.approx(aux.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(info["loss"])
+    ce = loss.item() - 2.0 * aux.item()
+    plain_cfg = tiny_config()
+    plain_cfg.transformer = TransformerConfig(depth=2, width=32, heads=2)
+    plain = CarpModel(plain_cfg).eval()
+    assert plain.aux_head is None and set(plain.policy_stage_modules()) == {"encoder", "gpt"}
+    weights = {k: v for k, v in m.state_dict().items() if not k.startswith("aux_head.")}
+    plain.load_state_dict(weights)
+    plain_loss, plain_info = plain.loss(obs, actions)
+    assert "aux_l1" not in plain_info
+    assert plain_loss.item() == pytest.approx(ce, rel=1e-5)
+    torch.testing.assert_close(m.generate(obs), plain.generate(obs))
+    # a checkpoint with the head loads into the policy made from its config
+    CarpPolicy(cfg, m.state_dict(), _identity_normalizer())
+    with pytest.raises(ValueError, match="aux_weight"):
+        CarpConfig(transformer=TransformerConfig(aux_weight=-1.0))

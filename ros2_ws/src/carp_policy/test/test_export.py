@@ -481,6 +481,28 @@ def test_relative_frame_policy_exports_with_parity(family, frame, tmp_path):
     assert np.abs(moved_chunk[:, :3] - chunk[:, :3]).max() > 1e-3
 
 
+def test_visual_carp_with_layer3_keypoints_and_aux_head_exports_with_parity(tmp_path):
+    """encoder.trunk_stages=3 and transformer.aux_weight > 0 (the training-only head): the graphs
+    hold the shorter trunk and no head, and the engine matches torch token for token."""
+    import onnx
+
+    cfg = _carp_cfg("visual")
+    cfg.encoder.trunk_stages, cfg.transformer.aux_weight = 3, 1.0
+    torch.manual_seed(5)
+    policy = CarpPolicy(cfg, None, Normalizer(LO, HI, LO, HI))
+    _wake(policy.model.parameters())
+    manifest = export_policy(policy, tmp_path, parity_samples=2, verbose=False)
+    assert manifest["parity"]["passed"] and manifest["parity"]["tokens_equal"]
+    names = [i.name for f in tmp_path.glob("*.onnx") for i in onnx.load(str(f)).graph.initializer]
+    assert names and not any("aux_head" in n or "layer4" in n for n in names)
+    engine = OnnxPolicy(tmp_path, intra_op_threads=1)
+    obs = _random_observation(engine.spec, policy.normalizer, np.random.default_rng(7))
+    chunk, tokens = engine.predict_with_tokens(obs)
+    for got, ref in zip(tokens, _torch_tokens(policy, obs)):
+        np.testing.assert_array_equal(got, ref)
+    np.testing.assert_allclose(chunk.actions, policy.predict(obs).actions, atol=1e-5, rtol=0)
+
+
 def test_nan_output_is_refused(tmp_path):
     policy = _carp_policy("state", seed=2)
     with torch.no_grad():

@@ -49,6 +49,11 @@ class EncoderConfig:
     color_jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)
     resnet_width: int = 32  # channels of the first ResNet stage (64 = torchvision's full width)
     keypoints: int = 32  # spatial-softmax keypoints per camera
+    # ResNet stages before the keypoint head: 4 (the full trunk, a 1/32-resolution map: 4x5 cells
+    # on a 108x144 crop) or 3 (layer3, 1/16: 7x9 cells, a quarter fewer FLOPs). A keypoint is an
+    # expectation over those cells: on the twin's cameras the cup's whole demonstrated x range moves
+    # it by less than one 1/32 cell in the scene image (benchmarks/camera_pixels.py).
+    trunk_stages: int = 4
     pretrained_path: str | None = None  # optional trunk state dict (full width only); never required
     hidden: int = 128  # MLP width of the state encoder / fusion MLP
     out_dim: int = 64  # observation embedding size (= the network's conditioning size)
@@ -56,6 +61,10 @@ class EncoderConfig:
     # CARP paper's multi-task setting). Each task's learned embedding is added to the observation
     # embedding; the node selects the row by the task's name. () = a single-task model.
     tasks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.trunk_stages not in (3, 4):
+            raise ValueError(f"encoder.trunk_stages must be 3 or 4, got {self.trunk_stages}")
 
     @property
     def input_state_dim(self) -> int:

@@ -38,6 +38,11 @@ class TransformerConfig:
     heads: int = 4  # attention heads (width must divide by it)
     mlp_ratio: float = 4.0  # MLP hidden size / width
     dropout: float = 0.0  # attention and MLP dropout in training
+    # weight of an auxiliary L1 loss on a small head that regresses the whole normalised chunk from
+    # the observation embedding (training only: inference and the ONNX graphs never run it; 0: no
+    # head). Cross-entropy over 512 unordered codes says nothing about *how far* a wrong code is,
+    # so the encoder gets no graded signal for where the object lies; the head gives it one.
+    aux_weight: float = 0.0
 
 
 @dataclass
@@ -64,6 +69,8 @@ class CarpConfig(PolicyConfig):
             raise ValueError("tokenizer.horizon must be 4 x latent_len (two stride-2 convolutions)")
         if tok.lookup not in ("l2", "cosine"):
             raise ValueError(f"tokenizer.lookup must be 'l2' or 'cosine', got {tok.lookup!r}")
+        if self.transformer.aux_weight < 0:
+            raise ValueError(f"transformer.aux_weight must be >= 0, got {self.transformer.aux_weight}")
         if self.transformer.width % self.transformer.heads:
             raise ValueError("transformer.width must be divisible by transformer.heads")
         super().__post_init__()

@@ -56,6 +56,15 @@ class CarpModel(nn.Module):
         self.tokenizer = MultiScaleTokenizer(cfg.tokenizer)
         self.encoder = build_encoder(cfg.encoder)
         self.gpt = CarpTransformer(cfg.transformer, cfg.tokenizer, cfg.encoder.out_dim)
+        # the auxiliary chunk regressor (configuration_carp.TransformerConfig.aux_weight): cond (B, E)
+        # -> (B, H*D); trained and saved with the policy stage, never run at inference
+        self.aux_head: nn.Module | None = None
+        if cfg.transformer.aux_weight > 0:
+            tok = cfg.tokenizer
+            self.aux_head = nn.Sequential(
+                nn.Linear(cfg.encoder.out_dim, 256), nn.Mish(), nn.Linear(256, tok.horizon * tok.action_dim)
+            )
+            self.policy_log_fields = ("token_acc", "aux_l1")
 
     @staticmethod
     def flat_tokens(idx_list: list[torch.Tensor]) -> torch.Tensor:
@@ -71,14 +80,26 @@ class CarpModel(nn.Module):
             idx_list = self.tokenizer.encode(actions.float())
             x_in = self.tokenizer.teacher_forcing_inputs(idx_list)  # (B, T - D, C)
         target = self.flat_tokens(idx_list)  # (B, T)
-        logits = self.gpt(self.encoder(batch), x_in)  # (B, T, V)
+        cond = self.encoder(batch)  # (B, E)
+        logits = self.gpt(cond, x_in)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
         acc = (logits.argmax(-1) == target).float().mean()
-        return loss, {"loss": loss.item(), "token_acc": acc.item()}
+        info = {"token_acc": acc.item()}
+        if self.aux_head is not None:
+            H = self.cfg.tokenizer.horizon
+            pred = self.aux_head(cond).view(actions.shape[0], H, -1)  # (B, H, D)
+            aux = F.l1_loss(pred.float(), actions[:, :H].float())
+            loss = loss + self.cfg.transformer.aux_weight * aux
+            info["aux_l1"] = aux.item()
+        return loss, {"loss": loss.item(), **info}
 
     def policy_stage_modules(self) -> nn.ModuleDict:
-        """What the policy stage trains (and averages into the EMA): encoder + transformer."""
-        return nn.ModuleDict({"encoder": self.encoder, "gpt": self.gpt})
+        """What the policy stage trains (and averages into the EMA): encoder + transformer (+ the
+        auxiliary head when configured)."""
+        mods = {"encoder": self.encoder, "gpt": self.gpt}
+        if self.aux_head is not None:
+            mods["aux_head"] = self.aux_head
+        return nn.ModuleDict(mods)
 
     def prepare_policy_stage(self, run: Path, device: torch.device) -> None:
         """The policy stage reads the frozen tokenizer of stage 1 from the run directory."""
@@ -96,6 +117,8 @@ class CarpModel(nn.Module):
         out.tokenizer.load_state_dict(self.tokenizer.state_dict())
         out.encoder.load_state_dict(net["encoder"].state_dict())
         out.gpt.load_state_dict(net["gpt"].state_dict())
+        if out.aux_head is not None:
+            out.aux_head.load_state_dict(net["aux_head"].state_dict())
         return out
 
     def parameter_counts(self) -> dict[str, int]:
