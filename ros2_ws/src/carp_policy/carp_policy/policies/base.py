@@ -50,7 +50,7 @@ class EncoderConfig:
     resnet_width: int = 32  # channels of the first ResNet stage (64 = torchvision's full width)
     keypoints: int = 32  # spatial-softmax keypoints per camera
     # ResNet stages before the keypoint head: 4 (the full trunk, a 1/32-resolution map: 4x5 cells
-    # on a 108x144 crop) or 3 (layer3, 1/16: 7x9 cells, a quarter fewer FLOPs). A keypoint is an
+    # on a 108x144 crop) or 3 (layer3, 1/16: 7x9 cells; encoder 1.5M parameters, not 5.7M). A keypoint is an
     # expectation over those cells: on the twin's cameras the cup's whole demonstrated x range moves
     # it by less than one 1/32 cell in the scene image (benchmarks/camera_pixels.py).
     trunk_stages: int = 4
