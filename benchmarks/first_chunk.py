@@ -42,6 +42,16 @@ def demonstrated_objects(data: str) -> np.ndarray:
     return np.array([ds.vectors(e)["state"][0, i : i + 2] for e in range(len(ds))])
 
 
+def summary(values: list[float]) -> dict[str, float]:
+    """Mean, median and max of a list of per-layout numbers."""
+    return {"mean": np.mean(values), "median": np.median(values), "max": np.max(values)}
+
+
+def aim_correlation(ends: np.ndarray, objects: np.ndarray) -> dict[str, float]:
+    """Per axis, the correlation over the layouts of where chunks end (N, 2) with the objects (N, 2)."""
+    return {axis: float(np.corrcoef(ends[:, i], objects[:, i])[0, 1]) for i, axis in enumerate("xy")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--task", required=True, choices=["cup", "bowl"])
@@ -65,41 +75,31 @@ def main(argv: list[str] | None = None) -> int:
     visual = any(pol.cameras for _, _, pol in policies)
     cell = SimCell(task=args.task, config=SimConfig() if visual else SimConfig(cameras=(), render=False))
     seeds = range(args.seed, args.seed + args.layouts)
-    expert, objects = [], []
+    observations, expert, objects = [], [], []  # each layout rendered once, for every policy
     for s in seeds:
         obs = cell.reset(s)
+        observations.append(obs)
         expert.append(make_expert(cell, s).predict(obs).actions)
         objects.append(obs.env_state[:2])
     objects = np.array(objects)
-    ref_ends = np.array([e[-1, :2] for e in expert])
     result: dict = {"machine": machine.machine_info(), "task": args.task, "seeds": list(seeds)}
-    result["expert_aim_object_correlation"] = {
-        axis: float(np.corrcoef(ref_ends[:, i], objects[:, i])[0, 1]) for i, axis in enumerate("xy")
-    }
+    result["expert_aim_object_correlation"] = aim_correlation(np.array([e[-1, :2] for e in expert]), objects)
     result["policies"] = {}
     for label, spec, policy in policies:
         aim, mean, start, ends = [], [], [], []
-        for s, ref in zip(seeds, expert):
+        for obs, ref in zip(observations, expert):
             history = ObservationHistory(policy.obs_horizon)
-            obs = cell.reset(s)
             chunk = policy.predict(history.push(obs)).actions
             aim.append(np.linalg.norm(chunk[-1, :2] - ref[-1, :2]) * 1e3)
             mean.append(np.linalg.norm(chunk[:, :3] - ref[:, :3], axis=1).mean() * 1e3)
             start.append(np.linalg.norm(chunk[0, :3] - np.asarray(obs.state)[:3]) * 1e3)
             ends.append(chunk[-1, :2])
-        ends = np.array(ends)
         result["policies"][label or spec] = {
             "policy": spec,
-            "aim_xy_mm": {"mean": np.mean(aim), "median": np.median(aim), "max": np.max(aim)},
+            "aim_xy_mm": summary(aim),
             "chunk_position_mm": {"mean": np.mean(mean)},
-            "first_step_from_tcp_mm": {
-                "mean": np.mean(start),
-                "median": np.median(start),
-                "max": np.max(start),
-            },
-            "aim_object_correlation": {
-                axis: float(np.corrcoef(ends[:, i], objects[:, i])[0, 1]) for i, axis in enumerate("xy")
-            },
+            "first_step_from_tcp_mm": summary(start),
+            "aim_object_correlation": aim_correlation(np.array(ends), objects),
             "per_layout_aim_mm": [round(float(a), 1) for a in aim],
         }
     if args.data:
