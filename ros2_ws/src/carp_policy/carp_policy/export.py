@@ -291,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="model directory to write (graphs + manifest.json)")
     ap.add_argument("--fp16", action="store_true", help="also try fp16 graphs; kept only if tokens match")
     ap.add_argument("--parity-samples", type=int, default=16, help="random observations for the parity check")
+    ap.add_argument(
+        "--coarse-decode",
+        choices=["argmax", "expected"],
+        help="CARP: how the graphs pick the scale-1 tokens (transformer.coarse_decode; default: the run's)",
+    )
     add_device_argument(ap)  # where the torch policy is loaded; the graphs are traced on the CPU
     args = ap.parse_args(argv)
     if args.parity_samples < 1:
@@ -298,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         policy = load_torch_policy(args.run, device=resolve_device(args.device))
+        if args.coarse_decode is not None:
+            if not hasattr(getattr(policy.config, "transformer", None), "coarse_decode"):
+                family = policy.config.family
+                raise ValueError(f"--coarse-decode is a CARP setting; {args.run} is a {family} run")
+            policy.config.transformer.coarse_decode = args.coarse_decode  # the manifest's config records it
         manifest = export_policy(
             policy,
             args.out,

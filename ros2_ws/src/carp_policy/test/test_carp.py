@@ -367,3 +367,103 @@ def test_auxiliary_chunk_head_adds_its_l1_and_never_changes_inference():
     CarpPolicy(cfg, m.state_dict(), _identity_normalizer())
     with pytest.raises(ValueError, match="aux_weight"):
         CarpConfig(transformer=TransformerConfig(aux_weight=-1.0))
+
+
+def test_coarse_soft_targets_follow_code_distance_and_leave_the_other_tokens_one_hot():
+    """transformer.coarse_label_sigma: the scale-1 targets of x, y, z become a Gaussian over the
+    distance of every code to the target's in the frozen codebook; the target keeps the most mass,
+    nearer codes more than farther ones; rotation, gripper and the finer scales keep the one-hot
+    cross-entropy, and the generated chunk does not change."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.transformer = TransformerConfig(depth=2, width=32, heads=2, coarse_label_sigma=0.5)
+    m = CarpModel(cfg).eval()
+    V, P = cfg.tokenizer.codebook_size, 3
+    idx = torch.randint(0, V, (4, P))
+    q = m.coarse_soft_targets(idx)  # (4, P, V)
+    assert q.shape == (4, P, V)
+    torch.testing.assert_close(q.sum(-1), torch.ones(4, P))
+    cb = m.tokenizer.codebook.detach()
+    for b, d in ((0, 0), (3, P - 1)):
+        dist = (cb[d] - cb[d, idx[b, d]]).norm(dim=-1)  # (V,)
+        assert q[b, d].argmax() == idx[b, d]
+        order = dist.argsort()
+        assert torch.all(q[b, d][order][:-1] >= q[b, d][order][1:] - 1e-7)  # mass falls with distance
+        sigma = 0.5 * cb[d, idx[b, d]].norm()  # the width scales with the target code's length
+        torch.testing.assert_close(q[b, d], (-(dist**2) / (2 * sigma**2)).softmax(-1))
+    # the loss by hand: soft cross-entropy on the scale-1 x, y, z tokens, one-hot on the other 97
+    obs = {"state": torch.randn(3, 2, 10), "images": {}}
+    actions = torch.rand(3, 16, 10) * 2 - 1
+    loss, _ = m.loss(obs, actions)
+    with torch.no_grad():
+        tokens = m.tokenizer.encode(actions)
+        target = m.flat_tokens(tokens)
+        logp = m.gpt(m.encoder(obs), m.tokenizer.teacher_forcing_inputs(tokens)).log_softmax(-1)
+    soft = -(m.coarse_soft_targets(target[:, :P]) * logp[:, :P]).sum(-1)
+    hard = -logp[:, P:].gather(-1, target[:, P:, None])[..., 0]
+    assert loss.item() == pytest.approx(((soft.sum() + hard.sum()) / target.numel()).item(), rel=1e-5)
+    # a vanishing width is the one-hot cross-entropy again; inference never reads the setting
+    m.cfg.transformer.coarse_label_sigma = 1e-6
+    onehot = torch.nn.functional.cross_entropy(logp.flatten(0, 1), target.flatten(), reduction="mean")
+    assert m.loss(obs, actions)[0].item() == pytest.approx(onehot.item(), rel=1e-5)
+    out = m.generate(obs)
+    m.cfg.transformer.coarse_label_sigma = 0.5
+    torch.testing.assert_close(m.generate(obs), out)
+    with pytest.raises(ValueError, match="coarse_label_sigma"):
+        CarpConfig(transformer=TransformerConfig(coarse_label_sigma=-0.1))
+
+
+def test_expected_coarse_decode_picks_the_code_nearest_the_codebook_mean():
+    """transformer.coarse_decode = "expected": each scale-1 token of x, y, z is the code nearest (the
+    tokenizer's lookup) to the softmax-weighted mean of its dimension's codebook; a peaked
+    distribution gives the argmax again; rotation, gripper and the finer scales stay greedy;
+    generate runs it, training never reads it."""
+    m = _model()
+    tok = m.tokenizer
+    D, V = tok.D, tok.V
+    # a peaked distribution: the argmax
+    logits = torch.full((2, D, V), -30.0)
+    peak = torch.randint(0, V, (2, D))
+    logits.scatter_(-1, peak[..., None], 30.0)
+    assert torch.equal(m.expected_codes(logits)[..., 0], peak)
+    # ordered codes: five on a line at 0, 1, 2, 3, 4 (the rest far off); mass 0.4 on the code at 0
+    # and 0.3 on each of those at 3 and 4: the argmax is the code at 0, the mean (2.1) is nearest
+    # the code at 2. Under l2 and cosine lookup alike (a line away from the origin).
+    with torch.no_grad():
+        saved = tok.codebook.clone()
+        line = torch.zeros(5, tok.C)
+        line[:, 0], line[:, 1] = torch.arange(5.0), 1.0
+        tok.codebook[0] = 100.0 + torch.randn(V, tok.C)
+        tok.codebook[0, 10:15] = line
+    logits = torch.full((1, D, V), -30.0)
+    logits[0, 0, 10], logits[0, 0, 13], logits[0, 0, 14] = np.log(0.4), np.log(0.3), np.log(0.3)
+    logits[0, 1:, 0] = 30.0
+    got = m.expected_codes(logits)[0, :, 0]  # (D,)
+    assert logits[0, 0].argmax() == 10 and got[0] == 12
+    assert torch.all(got[1:] == 0)
+    tok.cfg.lookup = "cosine"
+    assert m.expected_codes(logits)[0, 0, 0] == 12
+    tok.cfg.lookup = "l2"
+    with torch.no_grad():
+        tok.codebook.copy_(saved)
+    # in generate: x, y, z of scale 1 from the mean, the rest greedy given them; the loss never reads it
+    obs = {"state": torch.randn(3, 2, 10), "images": {}}
+    actions = torch.rand(3, 16, 10) * 2 - 1
+    loss_argmax = m.loss(obs, actions)[0]
+    m.cfg.transformer.coarse_decode = "expected"
+    assert m.loss(obs, actions)[0].item() == loss_argmax.item()
+    tokens: list[torch.Tensor] = []
+    out = m.generate(obs, tokens=tokens)
+    with torch.no_grad():
+        cond = m.encoder(obs)
+        past_k, past_v = m.gpt.empty_cache(3, cond.device)
+        first, _, _ = m.gpt.step(m.gpt.start_tokens(cond), cond, past_k, past_v)  # (3, D, V)
+        logits_all = m.gpt(cond, tok.teacher_forcing_inputs(tokens))  # (3, T, V)
+    assert torch.equal(tokens[0][:, :3], m.expected_codes(first[:, :3]))
+    assert torch.equal(tokens[0][:, 3:, 0], first[:, 3:].argmax(-1))
+    for si in range(1, len(tokens)):
+        lo, hi = OFFSETS[si], OFFSETS[si + 1]
+        assert torch.equal(logits_all[:, lo:hi].argmax(-1).view_as(tokens[si]), tokens[si])
+    torch.testing.assert_close(out, tok.decode(tokens))
+    with pytest.raises(ValueError, match="coarse_decode"):
+        CarpConfig(transformer=TransformerConfig(coarse_decode="mean"))

@@ -265,6 +265,8 @@ def test_carp_export_cli_from_run_dir(tmp_path):
         str(out),
         "--parity-samples",
         "2",
+        "--coarse-decode",
+        "expected",
     ]
     res = subprocess.run(
         cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **_env()}
@@ -273,6 +275,8 @@ def test_carp_export_cli_from_run_dir(tmp_path):
     assert "parity" in res.stdout and "carp_scale4.onnx" in res.stdout
     m = json.loads((out / "manifest.json").read_text())
     assert m["parity"]["passed"] and m["source_run"] == str(run.resolve())
+    assert m["config"]["transformer"]["coarse_decode"] == "expected"  # the run's config said argmax
+    policy.config.transformer.coarse_decode = "expected"
     obs = _random_observation(m["observation"], policy.normalizer, np.random.default_rng(0))
     # measured max |diff| 1e-7: 1e-6 leaves a 10x margin
     np.testing.assert_allclose(OnnxPolicy(out).predict(obs).actions, policy.predict(obs).actions, atol=1e-6)
@@ -501,6 +505,29 @@ def test_visual_carp_with_layer3_keypoints_and_aux_head_exports_with_parity(tmp_
     for got, ref in zip(tokens, _torch_tokens(policy, obs)):
         np.testing.assert_array_equal(got, ref)
     np.testing.assert_allclose(chunk.actions, policy.predict(obs).actions, atol=1e-5, rtol=0)
+
+
+def test_expected_coarse_decode_is_in_the_graphs(tmp_path):
+    """transformer.coarse_decode = "expected": the exported graphs pick the scale-1 tokens as torch
+    does (the code nearest the codebook's mean under the softmax), not the argmax."""
+    policy = _carp_policy("state", seed=6)
+    policy.config.transformer.coarse_decode = "expected"
+    manifest = export_policy(policy, tmp_path, parity_samples=2, verbose=False)
+    assert manifest["parity"]["passed"] and manifest["parity"]["tokens_equal"]
+    engine = OnnxPolicy(tmp_path, intra_op_threads=1)
+    rng = np.random.default_rng(8)
+    differs = 0
+    for _ in range(4):
+        obs = _random_observation(engine.spec, policy.normalizer, rng)
+        chunk, tokens = engine.predict_with_tokens(obs)
+        ref = _torch_tokens(policy, obs)
+        for got, want in zip(tokens, ref):
+            np.testing.assert_array_equal(got, want)
+        np.testing.assert_allclose(chunk.actions, policy.predict(obs).actions, atol=1e-5, rtol=0)
+        policy.config.transformer.coarse_decode = "argmax"
+        differs += int(not np.array_equal(_torch_tokens(policy, obs)[0], ref[0]))
+        policy.config.transformer.coarse_decode = "expected"
+    assert differs > 0  # the graphs do not merely match torch where both decodes agree
 
 
 def test_nan_output_is_refused(tmp_path):

@@ -27,6 +27,8 @@ from carp_policy.policies.carp.transformer import CarpTransformer
 from carp_policy.policies.policy import ChunkPolicy
 from carp_policy.processor import EncodedObservations
 
+POSITION_DIMS = 3  # the action layout (actions.py) starts with the TCP's x, y, z
+
 
 def sample_tokens(
     logits: torch.Tensor, top_k: int = 0, generator: torch.Generator | None = None
@@ -82,7 +84,16 @@ class CarpModel(nn.Module):
         target = self.flat_tokens(idx_list)  # (B, T)
         cond = self.encoder(batch)  # (B, E)
         logits = self.gpt(cond, x_in)  # (B, T, V)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
+        if self.cfg.transformer.coarse_label_sigma > 0:
+            P = POSITION_DIMS  # tokens 0..P-1: scale 1 of x, y, z (scale 1 holds one per dimension)
+            soft = self.coarse_soft_targets(target[:, :P])  # (B, P, V)
+            coarse = -(soft * logits[:, :P].float().log_softmax(-1)).sum(-1)  # (B, P)
+            rest = F.cross_entropy(
+                logits[:, P:].flatten(0, 1).float(), target[:, P:].flatten(), reduction="none"
+            )
+            loss = (coarse.sum() + rest.sum()) / target.numel()
+        else:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
         acc = (logits.argmax(-1) == target).float().mean()
         info = {"token_acc": acc.item()}
         if self.aux_head is not None:
@@ -92,6 +103,20 @@ class CarpModel(nn.Module):
             loss = loss + self.cfg.transformer.aux_weight * aux
             info["aux_l1"] = aux.item()
         return loss, {"loss": loss.item(), **info}
+
+    @torch.no_grad()
+    def coarse_soft_targets(self, idx: torch.Tensor) -> torch.Tensor:
+        """Scale-1 targets of the first P dimensions (B, P) code indices -> (B, P, V) distributions: a
+        Gaussian over the distance of every code to the target's in the frozen codebook
+        (TransformerConfig.coarse_label_sigma)."""
+        P = idx.shape[1]
+        cb = self.tokenizer.codebook[:P].float()  # (P, V, C)
+        e = cb[torch.arange(P, device=idx.device), idx]  # (B, P, C) the target codes
+        d2 = (cb.unsqueeze(0) - e.unsqueeze(2)).pow(2).sum(-1)  # (B, P, V)
+        # the width relative to the target code's own norm: a big move (a long code) tolerates a
+        # neighbour a centimetre off, a small correction only its near-duplicates
+        sigma = (self.cfg.transformer.coarse_label_sigma * e.norm(dim=-1)).clamp_min(1e-6)  # (B, P)
+        return (-d2 / (2 * sigma.pow(2).unsqueeze(-1))).softmax(-1)
 
     def policy_stage_modules(self) -> nn.ModuleDict:
         """What the policy stage trains (and averages into the EMA): encoder + transformer (+ the
@@ -153,8 +178,20 @@ class CarpModel(nn.Module):
         h = gpt.start_tokens(cond) if si == 0 else gpt.word_embed(x_in)  # (B, D*k_si, n)
         logits, k, v = gpt.step(h, cond, past_k, past_v)  # (B, D*k_si, V)
         idx = sample_tokens(logits, top_k, generator).view(cond.shape[0], tok.D, tok.scales[si])
+        if si == 0 and top_k <= 0 and self.cfg.transformer.coarse_decode == "expected":
+            P = POSITION_DIMS  # x, y, z from the codebook mean; rotation and gripper stay argmax
+            idx = torch.cat([self.expected_codes(logits[:, :P]), idx[:, P:]], dim=1)  # (B, D, 1)
         f_hat, nxt = tok.next_input(si, f_hat, idx)
         return idx, f_hat, nxt, k, v
+
+    def expected_codes(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scale-1 logits of the first P dimensions (B, P, V) -> (B, P, 1): per dimension, the code
+        nearest (by the tokenizer's lookup) to the mean of that dimension's codebook under
+        softmax(logits) (TransformerConfig.coarse_decode = "expected")."""
+        tok, P = self.tokenizer, logits.shape[1]
+        cb = tok.codebook[:P]  # (P, V, C)
+        mean = torch.einsum("bpv,pvc->bpc", logits.float().softmax(-1), cb.float())  # (B, P, C)
+        return tok.lookup(mean.to(cb.dtype).reshape(mean.shape[0], P * tok.C, 1), dims=P)
 
     @torch.no_grad()
     def generate(

@@ -93,21 +93,23 @@ class MultiScaleTokenizer(nn.Module):
         B, _, k = x.shape
         return x.view(B, self.D, self.C, k).transpose(2, 3).reshape(B, self.D * k, self.C)
 
-    def lookup(self, r: torch.Tensor) -> torch.Tensor:
-        """Nearest codes: (B, D*C, k) residual -> (B, D, k) indices.
+    def lookup(self, r: torch.Tensor, dims: int | None = None) -> torch.Tensor:
+        """Nearest codes: (B, D*C, k) residual -> (B, D, k) indices; with ``dims`` = P only the first
+        P dimensions: (B, P*C, k) -> (B, P, k).
 
         ``cosine`` (the paper's choice) matches direction only; ``l2`` also matches magnitude, which
         matters because one codebook serves every scale and the residual shrinks from scale to scale
         (measured on the cup demos: l2 halves the reconstruction error at equal training steps).
         """
         B, _, k = r.shape
-        rv = r.view(B, self.D, self.C, k)  # (B, D, C, k)
+        cb = self.codebook if dims is None else self.codebook[:dims]  # (D, V, C)
+        rv = r.view(B, cb.shape[0], self.C, k)  # (B, D, C, k)
         if self.cfg.lookup == "cosine":
-            sim = torch.einsum("bdck,dvc->bdkv", F.normalize(rv, dim=2), F.normalize(self.codebook, dim=-1))
+            sim = torch.einsum("bdck,dvc->bdkv", F.normalize(rv, dim=2), F.normalize(cb, dim=-1))
             return sim.argmax(dim=-1)
         # ||r - c||^2 = ||r||^2 - 2 r.c + ||c||^2; ||r||^2 is the same for every code, so it is dropped
-        dots = torch.einsum("bdck,dvc->bdkv", rv, self.codebook)  # (B, D, k, V)
-        c2 = self.codebook.pow(2).sum(-1)[None, :, None, :]  # (1, D, 1, V)
+        dots = torch.einsum("bdck,dvc->bdkv", rv, cb)  # (B, D, k, V)
+        c2 = cb.pow(2).sum(-1)[None, :, None, :]  # (1, D, 1, V)
         return (c2 - 2 * dots).argmin(dim=-1)
 
     def embed(self, idx: torch.Tensor) -> torch.Tensor:
