@@ -8,10 +8,11 @@ is where the object and the target are. The first chunk therefore shows, free of
 whether a policy carries what it learned from the demonstrated layouts over to new ones: for each
 evaluation layout it compares the policy's first chunk with the scripted expert's, computed from the
 same observation. Reported per policy: the xy error of the chunk's last step (where it aims) and the
-mean position error over the chunk, in mm; how far the chunk's first step lies from the TCP (the
-driver refuses a chunk that starts more than its ``max_start_distance`` away); and, per axis, the
-correlation over the layouts between where the chunk ends and where the object is (the expert's is
-~1: a policy near 0 on an axis does not see the object's position along it). With --data it also
+mean position error over the chunk, in mm; how far the chunk's first step lies from the TCP, in
+all and per axis (the driver refuses a chunk that starts more than its ``max_start_distance``
+away); and, per axis, the correlation over the layouts between where the chunk ends and where the
+object is (the expert's is ~1: a policy near 0 on an axis does not see the object's position
+along it). With --data it also
 reports how far each evaluation object is from the nearest demonstrated one, and what always aiming
 at the mean demonstrated object position would score: the scale against which "uses the object
 position" can be read.
@@ -86,19 +87,23 @@ def main(argv: list[str] | None = None) -> int:
     result["expert_aim_object_correlation"] = aim_correlation(np.array([e[-1, :2] for e in expert]), objects)
     result["policies"] = {}
     for label, spec, policy in policies:
-        aim, mean, start, ends = [], [], [], []
+        aim, mean, start, offsets, ends = [], [], [], [], []
         for obs, ref in zip(observations, expert):
             history = ObservationHistory(policy.obs_horizon)
             chunk = policy.predict(history.push(obs)).actions
             aim.append(np.linalg.norm(chunk[-1, :2] - ref[-1, :2]) * 1e3)
             mean.append(np.linalg.norm(chunk[:, :3] - ref[:, :3], axis=1).mean() * 1e3)
-            start.append(np.linalg.norm(chunk[0, :3] - np.asarray(obs.state)[:3]) * 1e3)
+            offsets.append((chunk[0, :3] - np.asarray(obs.state)[:3]) * 1e3)
+            start.append(np.linalg.norm(offsets[-1]))
             ends.append(chunk[-1, :2])
         result["policies"][label or spec] = {
             "policy": spec,
             "aim_xy_mm": summary(aim),
             "chunk_position_mm": {"mean": np.mean(mean)},
             "first_step_from_tcp_mm": summary(start),
+            # per axis, signed: which axis puts the first step off the arm
+            "first_step_offset_mm": {a: float(v) for a, v in zip("xyz", np.mean(offsets, axis=0))},
+            "first_step_abs_offset_mm": {a: float(v) for a, v in zip("xyz", np.abs(offsets).mean(0))},
             "aim_object_correlation": aim_correlation(np.array(ends), objects),
             "per_layout_aim_mm": [round(float(a), 1) for a in aim],
         }
