@@ -57,6 +57,8 @@ class TransformerConfig:
     # reads a histogram out as its mean: Farebrother et al. 2024, "Stop Regressing"). With ordered
     # codes and a broad distribution, argmax returns the mode whatever the observation; the mean
     # moves with it. Rotation, gripper and the finer scales stay greedy. Part of the exported graphs.
+    # A diagnostic more than a default: where the distribution has two modes the code nearest the
+    # mean can be far from both (on the cup it sent chunks outside the workspace: docs/results.md).
     coarse_decode: str = "argmax"
 
 
