@@ -87,9 +87,8 @@ def probe_run(run: str, data: str, frame: int, episodes: int | None = None) -> d
         rows = np.clip(np.arange(frame, frame + H), None, len(ep.action) - 1)
         actions = policy.processor.normalizer.normalize_action(ep.action[rows][None], encoded.state_now)
         with torch.no_grad():
-            for cam in policy.cameras:  # the keypoints exactly as VisualEncoder.forward computes them
-                x = batch["images"][cam].flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0
-                feats[cam].append(enc.heads[cam](enc.trunks[cam]((enc.crop(x) - enc.mean) / enc.std)).numpy())
+            for cam in policy.cameras:
+                feats[cam].append(enc.keypoints(cam, batch["images"][cam]).numpy())
             cond = enc(batch)  # (1, E)
             feats["embedding"].append(cond.numpy())
             tokens = model.tokenizer.encode(torch.as_tensor(actions, dtype=torch.float32))
@@ -99,15 +98,15 @@ def probe_run(run: str, data: str, frame: int, episodes: int | None = None) -> d
         top1.append((logits.argmax(-1) == t1).numpy())
         targets.append(t1.numpy())
         offsets.append(ep.state[frame, obj : obj + 2] - ep.state[frame, :2])
-        for decode, rows_ in ends.items():
+        for decode, decoded_ends in ends.items():
             model.cfg.transformer.coarse_decode = decode
-            rows_.append(policy.predict(ob).actions[-1, :2] - ep.state[frame, :2])
+            decoded_ends.append(policy.predict(ob).actions[-1, :2] - ep.state[frame, :2])
         model.cfg.transformer.coarse_decode = trained_decode
         demo_ends.append(ep.action[rows[-1], :2] - ep.state[frame, :2])
     y = np.array(offsets)
     probe = {}
-    for name, rows in feats.items():
-        r2, rmse = ridge_cv(np.concatenate(rows), y)
+    for name, values in feats.items():
+        r2, rmse = ridge_cv(np.concatenate(values), y)
         probe[name] = {f"r2_{a}": float(r) for a, r in zip("xy", r2)} | {
             f"rmse_{a}_mm": float(v) * 1e3 for a, v in zip("xy", rmse)
         }

@@ -205,16 +205,17 @@ class VisualEncoder(nn.Module):
         img = (img - gray) * factor(s) + gray
         return img.clamp(0.0, 1.0)
 
+    def keypoints(self, cam: str, img: torch.Tensor) -> torch.Tensor:
+        """One camera's images (B, O, H, W, 3) uint8 -> its keypoints (B*O, 2K): crop, colour jitter
+        (training only), normalisation, trunk, spatial softmax."""
+        x = img.flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0  # (B*O, 3, H, W)
+        x = (self.jitter(self.crop(x)) - self.mean) / self.std
+        return self.heads[cam](self.trunks[cam](x))
+
     def forward(self, batch: dict) -> torch.Tensor:
         state = batch["state"]  # (B, O, S)
         B = state.shape[0]
-        feats = []
-        for cam in self.cameras:
-            img = batch["images"][cam]  # (B, O, H, W, 3) uint8
-            x = img.flatten(0, 1).permute(0, 3, 1, 2).float() / 255.0  # (B*O, 3, H, W)
-            x = (self.jitter(self.crop(x)) - self.mean) / self.std
-            kp = self.heads[cam](self.trunks[cam](x))  # (B*O, 2K)
-            feats.append(kp.view(B, -1))
+        feats = [self.keypoints(cam, batch["images"][cam]).view(B, -1) for cam in self.cameras]
         feats.append(state.flatten(1))
         emb = self.fuse(torch.cat(feats, dim=-1))  # (B, out_dim)
         return emb if self.task is None else self.task(emb, batch)
