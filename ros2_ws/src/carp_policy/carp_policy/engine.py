@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from carp_policy.actions import Observation
+from carp_policy.actions import ACTION_NAMES, Observation
 from carp_policy.manifest import MANIFEST, ModelDirError, load_manifest, sha256  # noqa: F401 (re-exported)
 from carp_policy.normalization import Normalizer
 from carp_policy.policies import get_family
@@ -122,6 +122,9 @@ class OnnxGraphs:
         if obs.task is not None:  # a multi-task model's task index per row
             task = obs.task if not pad else np.concatenate([obs.task, obs.task[pad]])
             self.inputs["task"].update_inplace(np.ascontiguousarray(task, dtype=np.int64))
+        if "action_now" in self.inputs:  # the current pose as a normalised action (CARP's anchored head)
+            now = obs.action_now if not pad else np.concatenate([obs.action_now, obs.action_now[pad]])
+            self.inputs["action_now"].update_inplace(np.ascontiguousarray(now, dtype=np.float32))
 
     def run_graph(self, i: int) -> None:
         t0 = time.perf_counter()
@@ -225,6 +228,8 @@ class OnnxPolicy(ChunkPolicy):
             want[f"image_{cam}"] = {"shape": [B, O, H, W, 3], "dtype": "uint8"}
         if self.spec.get("tasks"):
             want["task"] = {"shape": [B], "dtype": "int64"}
+        if "action_now" in g["inputs"]:  # derived from the state by the processor, never fed by a node
+            want["action_now"] = {"shape": [B, len(ACTION_NAMES)], "dtype": "float32"}
         if g["inputs"] != want:
             raise ModelDirError(
                 f"{g['file']}: graph inputs {g['inputs']} do not match the manifest's observation spec {want}"

@@ -293,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parity-samples", type=int, default=16, help="random observations for the parity check")
     ap.add_argument(
         "--coarse-decode",
-        choices=["argmax", "expected"],
-        help="CARP: how the graphs pick the scale-1 tokens (transformer.coarse_decode; default: the run's)",
+        choices=["argmax", "expected", "head"],
+        help="CARP: how the graphs pick the scale-1 tokens (transformer.coarse_decode; default: the run's; "
+        "head: a run trained with transformer.coarse_head_weight > 0)",
     )
     add_device_argument(ap)  # where the torch policy is loaded; the graphs are traced on the CPU
     args = ap.parse_args(argv)
@@ -307,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             if not hasattr(getattr(policy.config, "transformer", None), "coarse_decode"):
                 family = policy.config.family
                 raise ValueError(f"--coarse-decode is a CARP setting; {args.run} is a {family} run")
+            if args.coarse_decode == "head" and policy.config.transformer.coarse_head_weight <= 0:
+                raise ValueError(
+                    f"--coarse-decode head: {args.run} was trained without a coarse head "
+                    "(transformer.coarse_head_weight 0)"
+                )
             policy.config.transformer.coarse_decode = args.coarse_decode  # the manifest's config records it
         manifest = export_policy(
             policy,

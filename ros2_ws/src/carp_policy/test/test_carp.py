@@ -467,3 +467,131 @@ def test_expected_coarse_decode_picks_the_code_nearest_the_codebook_mean():
     torch.testing.assert_close(out, tok.decode(tokens))
     with pytest.raises(ValueError, match="coarse_decode"):
         CarpConfig(transformer=TransformerConfig(coarse_decode="mean"))
+
+
+def test_coarse_head_regresses_the_code_profile_and_picks_the_nearest_seen_code():
+    """transformer.coarse_head_weight / coarse_decode = "head": a head regresses, from the
+    observation embedding, the profile the scale-1 x, y, z codes decode to (loss = cross-entropy +
+    w * L1); training marks the scale-1 target codes as seen; inference takes, per dimension, the
+    seen code whose profile lies nearest the regressed one (an unseen code never, however near);
+    rotation, gripper and the finer scales stay the transformer's greedy tokens."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    cfg.transformer = TransformerConfig(depth=2, width=32, heads=2, coarse_head_weight=2.0)
+    m = CarpModel(cfg).eval()
+    for blk in m.gpt.blocks:
+        torch.nn.init.normal_(blk.ada[1].weight, std=0.1)
+    tok, P, V, H = m.tokenizer, 3, cfg.tokenizer.codebook_size, cfg.tokenizer.horizon
+    assert set(m.policy_stage_modules()) == {"encoder", "gpt", "coarse_head"}
+    assert m.policy_log_fields == ("token_acc", "coarse_l1")
+    # a code's profile: the chunk it decodes to alone at scale 1, dimension by dimension
+    prof = m.coarse_profiles()
+    assert prof.shape == (P, V, H)
+    idx = torch.randint(0, V, (1, tok.D, 1))
+    f_hat, _ = tok.next_input(0, torch.zeros(1, tok.D * tok.C, tok.L), idx)
+    alone = tok.decode_features(f_hat)[0]  # (H, D)
+    for d in range(P):
+        torch.testing.assert_close(prof[d, idx[0, d, 0]], alone[:, d])
+    assert m.coarse_profiles() is prof  # cached while the tokenizer is unchanged ...
+    with torch.no_grad():
+        tok.codebook[0, 0] += 1.0
+    assert m.coarse_profiles() is not prof  # ... and recomputed when it changes
+    prof = m.coarse_profiles()
+    # the loss by hand; only training marks codes as seen
+    obs = {"state": torch.randn(4, 2, 10), "images": {}}
+    actions = torch.rand(4, 16, 10) * 2 - 1
+    loss, info = m.loss(obs, actions)
+    assert m.coarse_head.seen.sum() == 0
+    with torch.no_grad():
+        target = m.flat_tokens(tok.encode(actions))[:, :P]  # (4, P) the scale-1 x, y, z codes
+        pred = m.coarse_head(m.encoder(obs))  # (4, P, H)
+    goal = torch.stack([prof[d, target[:, d]] for d in range(P)], dim=1)  # (4, P, H)
+    l1 = torch.nn.functional.l1_loss(pred, goal)
+    assert info["coarse_l1"] == pytest.approx(l1.item(), rel=1e-5)
+    plain_cfg = tiny_config()
+    plain_cfg.transformer = TransformerConfig(depth=2, width=32, heads=2)
+    plain = CarpModel(plain_cfg).eval()
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("coarse_head.")})
+    assert loss.item() == pytest.approx(plain.loss(obs, actions)[0].item() + 2.0 * l1.item(), rel=1e-5)
+    m.coarse_head.train()
+    m.loss(obs, actions)
+    m.coarse_head.eval()
+    for d in range(P):
+        assert set(m.coarse_head.seen[d].nonzero()[:, 0].tolist()) == set(target[:, d].tolist())
+    # the pick: the head made to regress (a hair off) the profile of seen codes; an unseen code with
+    # the exact profile loses to a seen one
+    seen = torch.zeros(P, V)
+    seen[:, [5, 17, 40]] = 1.0
+    with torch.no_grad():
+        m.coarse_head.seen.copy_(seen)
+        want = torch.tensor([17, 40, 5])
+        last = m.coarse_head.mlp[-1]
+        last.weight.zero_()
+        last.bias.copy_((torch.stack([prof[d, want[d]] for d in range(P)]) + 1e-4).flatten())
+    cond = m.encoder(obs)
+    assert torch.equal(m.head_codes(cond)[..., 0], want.expand(4, P))
+    with torch.no_grad():
+        last.bias.copy_(torch.stack([prof[d, 7] for d in range(P)]).flatten())  # code 7: never seen
+    got = m.head_codes(cond)[0, :, 0]
+    assert torch.all(got != 7) and all(int(g) in (5, 17, 40) for g in got)
+    # in generate: x, y, z of scale 1 from the head, the rest greedy given them
+    m.cfg.transformer.coarse_decode = "head"
+    tokens: list[torch.Tensor] = []
+    out = m.generate(obs, tokens=tokens)
+    with torch.no_grad():
+        past_k, past_v = m.gpt.empty_cache(4, cond.device)
+        first, _, _ = m.gpt.step(m.gpt.start_tokens(cond), cond, past_k, past_v)  # (4, D, V)
+        logits_all = m.gpt(cond, tok.teacher_forcing_inputs(tokens))  # (4, T, V)
+    assert torch.equal(tokens[0][:, :P], m.head_codes(cond))
+    assert torch.equal(tokens[0][:, P:, 0], first[:, P:].argmax(-1))
+    for si in range(1, len(tokens)):
+        lo, hi = OFFSETS[si], OFFSETS[si + 1]
+        assert torch.equal(logits_all[:, lo:hi].argmax(-1).view_as(tokens[si]), tokens[si])
+    torch.testing.assert_close(out, tok.decode(tokens))
+    # the head, its seen codes included, saves and loads with the policy
+    again = CarpPolicy(m.cfg, m.state_dict(), _identity_normalizer()).model
+    assert torch.equal(again.coarse_head.seen, seen)
+    with pytest.raises(ValueError, match="coarse_head_weight > 0"):
+        CarpConfig(transformer=TransformerConfig(coarse_decode="head"))
+    with pytest.raises(ValueError, match="coarse_head_weight"):
+        CarpConfig(transformer=TransformerConfig(coarse_head_weight=-1.0))
+    plain.cfg.transformer.coarse_decode = "head"  # a model without the head
+    with pytest.raises(ValueError, match="coarse_head_weight > 0"):
+        plain.generate(obs)
+
+
+def test_anchored_coarse_head_regresses_the_move_from_the_current_pose():
+    """transformer.coarse_head_anchor: the head's profile is its output plus the current pose
+    (action_now, the TCP as a normalised action) in x, y, z, in the loss and in the pick alike;
+    without the pose in the batch it refuses."""
+    torch.manual_seed(1)
+    cfg = tiny_config()
+    cfg.transformer = TransformerConfig(
+        depth=2, width=32, heads=2, coarse_head_weight=1.0, coarse_head_anchor=True, coarse_decode="head"
+    )
+    m = CarpModel(cfg).eval()
+    prof = m.coarse_profiles()
+    with torch.no_grad():
+        m.coarse_head.seen.fill_(1.0)
+    now = torch.rand(4, 10) * 2 - 1
+    obs = {"state": torch.randn(4, 2, 10), "images": {}, "action_now": now}
+    actions = torch.rand(4, 16, 10) * 2 - 1
+    cond = m.encoder(obs)
+    with torch.no_grad():
+        moved = m.coarse_head(cond) + now[:, :3, None]  # (4, P, H)
+    torch.testing.assert_close(m.coarse_profile(cond, now), moved)
+    _, info = m.loss(obs, actions)
+    with torch.no_grad():
+        target = m.flat_tokens(m.tokenizer.encode(actions))[:, :3]
+    goal = torch.stack([prof[d, target[:, d]] for d in range(3)], dim=1)
+    assert info["coarse_l1"] == pytest.approx(torch.nn.functional.l1_loss(moved, goal).item(), rel=1e-5)
+    # the pick: the seen code nearest the anchored profile
+    dist = (prof.unsqueeze(0) - moved.unsqueeze(2)).abs().sum(-1)  # (4, P, V)
+    assert torch.equal(m.head_codes(cond, now)[..., 0], dist.argmin(-1))
+    tokens: list[torch.Tensor] = []
+    m.generate(obs, tokens=tokens)
+    assert torch.equal(tokens[0][:, :3], m.head_codes(cond, now))
+    with pytest.raises(ValueError, match="no action_now"):
+        m.generate({"state": obs["state"], "images": {}})
+    with pytest.raises(ValueError, match="coarse_head_anchor needs"):
+        CarpConfig(transformer=TransformerConfig(coarse_head_anchor=True))

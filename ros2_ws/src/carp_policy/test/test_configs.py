@@ -30,6 +30,8 @@ NEW_LEAVES = {
     "transformer.aux_weight",
     "transformer.coarse_label_sigma",
     "transformer.coarse_decode",
+    "transformer.coarse_head_weight",
+    "transformer.coarse_head_anchor",
 }
 # configs of families added after the golden: there is no old loader's resolution to hold them to
 NEW_CONFIGS = {"coa_state_env", "coa_visual"}

@@ -294,6 +294,15 @@ def test_carp_export_cli_from_run_dir(tmp_path):
         and "config.yaml missing" in bad.stderr
     )
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    # the head decode of a run trained without the head: refused with the reason
+    nohead = subprocess.run(
+        [*cmd[:-1], "head"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", **_env()},
+    )
+    assert nohead.returncode == 2 and "trained without a coarse head" in nohead.stderr, nohead.stderr[-500:]
 
 
 def _env() -> dict[str, str]:
@@ -528,6 +537,44 @@ def test_expected_coarse_decode_is_in_the_graphs(tmp_path):
         differs += int(not np.array_equal(_torch_tokens(policy, obs)[0], ref[0]))
         policy.config.transformer.coarse_decode = "expected"
     assert differs > 0  # the graphs do not merely match torch where both decodes agree
+
+
+@pytest.mark.parametrize("anchor", [False, True])
+def test_head_coarse_decode_is_in_the_graphs(tmp_path, anchor):
+    """transformer.coarse_decode = "head": the exported graphs run the coarse head and pick the
+    scale-1 x, y, z codes as torch does (the seen code with the nearest profile), not the argmax;
+    an anchored head reads the current pose, an extra input of the first graph that the engine
+    fills from the observation."""
+    torch.manual_seed(7)
+    cfg = _carp_cfg("state")
+    cfg.transformer.coarse_head_weight, cfg.transformer.coarse_decode = 1.0, "head"
+    cfg.transformer.coarse_head_anchor = anchor
+    policy = CarpPolicy(cfg, None, Normalizer(LO, HI, LO, HI))
+    _wake(policy.model.parameters())
+    with torch.no_grad():  # as if training had seen a third of the codes at scale 1
+        policy.model.coarse_head.seen[:, ::3] = 1.0
+    manifest = export_policy(policy, tmp_path, parity_samples=2, verbose=False)
+    assert manifest["parity"]["passed"] and manifest["parity"]["tokens_equal"]
+    assert ("action_now" in manifest["graphs"][0]["inputs"]) == anchor
+    engine = OnnxPolicy(tmp_path, intra_op_threads=1)
+    rng = np.random.default_rng(9)
+    differs = 0
+    for _ in range(4):
+        obs = _random_observation(engine.spec, policy.normalizer, rng)
+        chunk, tokens = engine.predict_with_tokens(obs)
+        ref = _torch_tokens(policy, obs)
+        for got, want in zip(tokens, ref):
+            np.testing.assert_array_equal(got, want)
+        assert np.all(ref[0][0, :3, 0] % 3 == 0)  # seen codes only
+        np.testing.assert_allclose(chunk.actions, policy.predict(obs).actions, atol=1e-5, rtol=0)
+        policy.config.transformer.coarse_decode = "argmax"
+        differs += int(not np.array_equal(_torch_tokens(policy, obs)[0], ref[0]))
+        policy.config.transformer.coarse_decode = "head"
+    assert differs > 0
+    # the same weights exported with argmax read no pose: the graph has no such input
+    policy.config.transformer.coarse_decode = "argmax"
+    argmax = export_policy(policy, tmp_path / "argmax", parity_samples=1, verbose=False)
+    assert argmax["parity"]["passed"] and "action_now" not in argmax["graphs"][0]["inputs"]
 
 
 def test_nan_output_is_refused(tmp_path):

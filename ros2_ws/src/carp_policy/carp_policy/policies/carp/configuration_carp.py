@@ -59,7 +59,20 @@ class TransformerConfig:
     # moves with it. Rotation, gripper and the finer scales stay greedy. Part of the exported graphs.
     # A diagnostic more than a default: where the distribution has two modes the code nearest the
     # mean can be far from both (on the cup it sent chunks outside the workspace: docs/results.md).
+    # ... or "head": the code picked by a regression head (needs coarse_head_weight > 0).
     coarse_decode: str = "argmax"
+    # weight of an L1 loss on a head that regresses, from the observation embedding, the profile
+    # (16 normalised steps) that the chunk's scale-1 x, y, z codes decode to (0: no head). With
+    # coarse_decode "head", inference takes, per dimension, the scale-1 code whose profile is nearest
+    # the regressed one, instead of the transformer's classification of it: a linear probe reads the
+    # cup's x from the embedding to 13 mm while the scale-1 x token's argmax barely moves with it.
+    # The finer scales stay the transformer's, conditioned on that code. In the exported graphs.
+    coarse_head_weight: float = 0.0
+    # the coarse head regresses the profile as a move from the current TCP pose (added back before
+    # the match), not as positions: every demonstrated chunk starts at the arm, and a head that
+    # predicts absolute heights can pick the z profile of another phase (measured: chunks starting
+    # 10-17 cm above or below the arm, refused by the driver, replanned identically until timeout)
+    coarse_head_anchor: bool = False
 
 
 @dataclass
@@ -93,8 +106,18 @@ class CarpConfig(PolicyConfig):
                 f"transformer.coarse_label_sigma must be >= 0, got {self.transformer.coarse_label_sigma}"
             )
         decode = self.transformer.coarse_decode
-        if decode not in ("argmax", "expected"):
-            raise ValueError(f"transformer.coarse_decode must be 'argmax' or 'expected', got {decode!r}")
+        if decode not in ("argmax", "expected", "head"):
+            raise ValueError(
+                f"transformer.coarse_decode must be 'argmax', 'expected' or 'head', got {decode!r}"
+            )
+        if self.transformer.coarse_head_weight < 0:
+            raise ValueError(
+                f"transformer.coarse_head_weight must be >= 0, got {self.transformer.coarse_head_weight}"
+            )
+        if self.transformer.coarse_head_anchor and self.transformer.coarse_head_weight <= 0:
+            raise ValueError("transformer.coarse_head_anchor needs transformer.coarse_head_weight > 0")
+        if decode == "head" and self.transformer.coarse_head_weight <= 0:
+            raise ValueError("transformer.coarse_decode 'head' needs transformer.coarse_head_weight > 0")
         if self.transformer.width % self.transformer.heads:
             raise ValueError("transformer.width must be divisible by transformer.heads")
         super().__post_init__()

@@ -1,6 +1,7 @@
 """CARP's ONNX graphs: K + 1 graphs with fully static shapes (batch 1, or the shift ensemble's size).
 
-    carp_obs.onnx      state, image_<cam>[, task]   -> cond, tokens, f_hat_out, x_next, present_k/v
+    carp_obs.onnx      state, image_<cam>[, task][, action_now]
+                                                    -> cond, tokens, f_hat_out, x_next, present_k/v
                        (observation encoder + scale 1: start tokens, K/V of scale 1, greedy argmax,
                         the tokenizer's accumulation and the next scale's input)
     carp_scale<i>.onnx cond, x_in, f_hat, past_k/v  -> tokens, f_hat_out, x_next, present_k/v
@@ -37,7 +38,8 @@ class _CarpObsGraph(nn.Module):
         self.model, self.cameras, self.half_ = model, cameras, half
 
     def forward(self, state: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # inputs: one (B, O, H, W, 3) uint8 image per camera, then a multi-task model's (B,) task
+        # inputs: one (B, O, H, W, 3) uint8 image per camera, then a multi-task model's (B,) task,
+        # then, for an anchored coarse head, action_now (B, D): the current pose as a normalised action
         m, tok, gpt = self.model, self.model.tokenizer, self.model.gpt
         dt = torch.float16 if self.half_ else torch.float32
         if m.cfg.encoder.kind != "visual":  # the state MLP runs in the graph's precision
@@ -45,11 +47,14 @@ class _CarpObsGraph(nn.Module):
         batch = {"state": state, "images": dict(zip(self.cameras, inputs))}
         if m.cfg.encoder.tasks:
             batch["task"] = inputs[len(self.cameras)]
+        action_now = inputs[-1] if m.reads_action_now else None  # (B, D)
         cond = m.encoder(batch).to(dt)  # (B, E)
         B = cond.shape[0]
         past_k, past_v = gpt.empty_cache(B)
         f_hat = cond.new_zeros(B, tok.D * tok.C, tok.L)
-        idx, f_hat, nxt, k, v = m.scale_step(0, cond, None, f_hat, past_k.to(dt), past_v.to(dt))
+        idx, f_hat, nxt, k, v = m.scale_step(
+            0, cond, None, f_hat, past_k.to(dt), past_v.to(dt), action_now=action_now
+        )
         outs = [cond, idx, f_hat] + ([nxt] if len(tok.scales) > 1 else []) + [k, v]
         return tuple(o if o.dtype == torch.int64 else o.float() for o in outs)
 
@@ -123,6 +128,8 @@ def _scale_graphs(
                 head.register_forward_pre_hook(lambda _m, a: tuple(x.float() for x in a))
     entries = []
     obs_args, obs_names = example_inputs(spec, batch)
+    if model.reads_action_now:  # the anchored coarse head reads the current pose
+        obs_args, obs_names = [*obs_args, torch.zeros(batch, tok.D)], [*obs_names, "action_now"]
     B = batch
     kv = ["present_k", "present_v"]
     nxt = ["x_next"] if K > 1 else []

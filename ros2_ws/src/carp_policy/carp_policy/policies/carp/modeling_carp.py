@@ -41,6 +41,29 @@ def sample_tokens(
     return idx.flatten(0, 1).gather(1, pick).view(logits.shape[:2])
 
 
+class CoarseHead(nn.Module):
+    """The regressed scale-1 position tokens (TransformerConfig.coarse_head_weight): cond (B, E) ->
+    (B, P, H), the normalised 16-step profile of x, y, z that the chunk's scale-1 codes decode to.
+
+    ``seen`` (P, V) marks the codes that were a scale-1 target of a training batch: inference picks
+    among those only (a code that only ever refined a finer scale decodes alone to a meaningless
+    profile). A float, not a bool, because the trainer's EMA averages buffers too; > 0 means seen."""
+
+    def __init__(self, cond_dim: int, dims: int, horizon: int, codebook_size: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.dims, self.horizon = dims, horizon
+        self.mlp = nn.Sequential(nn.Linear(cond_dim, hidden), nn.Mish(), nn.Linear(hidden, dims * horizon))
+        self.register_buffer("seen", torch.zeros(dims, codebook_size))
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.mlp(cond).view(cond.shape[0], self.dims, self.horizon)  # (B, P, H)
+
+    @torch.no_grad()
+    def mark_seen(self, idx: torch.Tensor) -> None:
+        """idx (B, P) scale-1 target codes of a training batch."""
+        self.seen[torch.arange(self.dims, device=idx.device).expand_as(idx), idx] = 1.0
+
+
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(p.numel() for p in module.parameters())
@@ -67,6 +90,19 @@ class CarpModel(nn.Module):
                 nn.Linear(cfg.encoder.out_dim, 256), nn.Mish(), nn.Linear(256, tok.horizon * tok.action_dim)
             )
             self.policy_log_fields = ("token_acc", "aux_l1")
+        self.coarse_head: CoarseHead | None = None
+        self._coarse_profiles: tuple[tuple, torch.Tensor] | None = None  # (cache key, (P, V, H))
+        if cfg.transformer.coarse_head_weight > 0:
+            tok = cfg.tokenizer
+            self.coarse_head = CoarseHead(cfg.encoder.out_dim, POSITION_DIMS, tok.horizon, tok.codebook_size)
+            self.policy_log_fields = (*self.policy_log_fields, "coarse_l1")
+
+    @property
+    def reads_action_now(self) -> bool:
+        """Whether inference reads the current pose (an anchored coarse head that picks the codes):
+        then the exported ``carp_obs.onnx`` has an ``action_now`` input."""
+        t = self.cfg.transformer
+        return t.coarse_head_anchor and t.coarse_decode == "head"
 
     @staticmethod
     def flat_tokens(idx_list: list[torch.Tensor]) -> torch.Tensor:
@@ -102,7 +138,34 @@ class CarpModel(nn.Module):
             aux = F.l1_loss(pred.float(), actions[:, :H].float())
             loss = loss + self.cfg.transformer.aux_weight * aux
             info["aux_l1"] = aux.item()
+        if self.coarse_head is not None:
+            P = POSITION_DIMS
+            prof = self.coarse_profiles()  # (P, V, H)
+            goal = prof[torch.arange(P, device=target.device), target[:, :P]]  # (B, P, H)
+            coarse_l1 = F.l1_loss(self.coarse_profile(cond, batch.get("action_now")), goal)
+            loss = loss + self.cfg.transformer.coarse_head_weight * coarse_l1
+            info["coarse_l1"] = coarse_l1.item()
+            if self.coarse_head.training:
+                self.coarse_head.mark_seen(target[:, :P])
         return loss, {"loss": loss.item(), **info}
+
+    @torch.no_grad()
+    def coarse_profiles(self) -> torch.Tensor:
+        """(P, V, H): for x, y, z, every code's normalised chunk when it is the scale-1 token and
+        every finer scale is empty (the frozen tokenizer's decoder; dimensions decode independently).
+        A code's physical fingerprint: what the regressed coarse head (CoarseHead) is matched to.
+
+        Cached (decoding all V codes costs ~60 ms on a CPU): the key is every tokenizer tensor's
+        in-place version, so training the tokenizer or loading weights into it recomputes it."""
+        tok, P = self.tokenizer, POSITION_DIMS
+        key = tuple((t.data_ptr(), t._version) for t in tok.state_dict(keep_vars=True).values())
+        if self._coarse_profiles is not None and self._coarse_profiles[0] == key:
+            return self._coarse_profiles[1]
+        idx = torch.arange(tok.V, device=tok.codebook.device).view(tok.V, 1, 1).expand(tok.V, tok.D, 1)
+        f_hat, _ = tok.next_input(0, tok.codebook.new_zeros(tok.V, tok.D * tok.C, tok.L), idx)
+        prof = tok.decode_features(f_hat)[..., :P].permute(2, 0, 1).float()  # (V, H, D) -> (P, V, H)
+        self._coarse_profiles = (key, prof)
+        return prof
 
     @torch.no_grad()
     def coarse_soft_targets(self, idx: torch.Tensor) -> torch.Tensor:
@@ -120,10 +183,12 @@ class CarpModel(nn.Module):
 
     def policy_stage_modules(self) -> nn.ModuleDict:
         """What the policy stage trains (and averages into the EMA): encoder + transformer (+ the
-        auxiliary head when configured)."""
+        auxiliary and coarse heads when configured)."""
         mods = {"encoder": self.encoder, "gpt": self.gpt}
         if self.aux_head is not None:
             mods["aux_head"] = self.aux_head
+        if self.coarse_head is not None:
+            mods["coarse_head"] = self.coarse_head
         return nn.ModuleDict(mods)
 
     def prepare_policy_stage(self, run: Path, device: torch.device) -> None:
@@ -144,6 +209,8 @@ class CarpModel(nn.Module):
         out.gpt.load_state_dict(net["gpt"].state_dict())
         if out.aux_head is not None:
             out.aux_head.load_state_dict(net["aux_head"].state_dict())
+        if out.coarse_head is not None:
+            out.coarse_head.load_state_dict(net["coarse_head"].state_dict())
         return out
 
     def parameter_counts(self) -> dict[str, int]:
@@ -165,6 +232,7 @@ class CarpModel(nn.Module):
         past_v: torch.Tensor,
         top_k: int = 0,
         generator: torch.Generator | None = None,
+        action_now: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """One coarse-to-fine step: the transformer on scale ``si``'s input, its tokens, the
         tokenizer's accumulation and the next scale's input.
@@ -172,15 +240,21 @@ class CarpModel(nn.Module):
         si: scale index (static int); cond (B, E); x_in: (B, D*k_si, C) the previous step's
         ``x_next`` (None at scale 0: the start tokens from ``cond``); f_hat (B, D*C, L) accumulated
         so far (zeros before scale 0); past_k / past_v (depth, B, heads, T_past, head_dim).
+        action_now (B, D): the current pose as a normalised action (the anchored coarse head's).
         Returns (tokens (B, D, k_si), f_hat', x_next (B, D*k_{si+1}, C), present_k, present_v);
         after the last scale x_next is (B, 0, C). Greedy when top_k == 0 (what the graphs do)."""
         tok, gpt = self.tokenizer, self.gpt
         h = gpt.start_tokens(cond) if si == 0 else gpt.word_embed(x_in)  # (B, D*k_si, n)
         logits, k, v = gpt.step(h, cond, past_k, past_v)  # (B, D*k_si, V)
         idx = sample_tokens(logits, top_k, generator).view(cond.shape[0], tok.D, tok.scales[si])
-        if si == 0 and top_k <= 0 and self.cfg.transformer.coarse_decode == "expected":
-            P = POSITION_DIMS  # x, y, z from the codebook mean; rotation and gripper stay argmax
-            idx = torch.cat([self.expected_codes(logits[:, :P]), idx[:, P:]], dim=1)  # (B, D, 1)
+        decode = self.cfg.transformer.coarse_decode
+        if si == 0 and top_k <= 0 and decode != "argmax":
+            P = POSITION_DIMS  # x, y, z from the codebook mean or the head; rotation, gripper: argmax
+            if decode == "expected":
+                coarse = self.expected_codes(logits[:, :P])
+            else:
+                coarse = self.head_codes(cond, action_now)
+            idx = torch.cat([coarse, idx[:, P:]], dim=1)  # (B, D, 1)
         f_hat, nxt = tok.next_input(si, f_hat, idx)
         return idx, f_hat, nxt, k, v
 
@@ -192,6 +266,34 @@ class CarpModel(nn.Module):
         cb = tok.codebook[:P]  # (P, V, C)
         mean = torch.einsum("bpv,pvc->bpc", logits.float().softmax(-1), cb.float())  # (B, P, C)
         return tok.lookup(mean.to(cb.dtype).reshape(mean.shape[0], P * tok.C, 1), dims=P)
+
+    def coarse_profile(self, cond: torch.Tensor, action_now: torch.Tensor | None) -> torch.Tensor:
+        """The coarse head's regressed x, y, z profile (B, P, H), normalised. With
+        TransformerConfig.coarse_head_anchor the head regresses the move from the current pose
+        (action_now (B, D), the TCP as a normalised action) and the pose is added back."""
+        assert self.coarse_head is not None
+        pred = self.coarse_head(cond).float()  # (B, P, H)
+        if not self.cfg.transformer.coarse_head_anchor:
+            return pred
+        if action_now is None:
+            raise ValueError("coarse_head_anchor: the observation batch has no action_now (the current pose)")
+        return pred + action_now[:, :POSITION_DIMS, None].float()
+
+    def head_codes(self, cond: torch.Tensor, action_now: torch.Tensor | None = None) -> torch.Tensor:
+        """cond (B, E) -> (B, P, 1): per dimension of x, y, z, the seen scale-1 code whose profile
+        (coarse_profiles) lies nearest, in L1, to the one the coarse head regresses
+        (TransformerConfig.coarse_decode = "head"). Nearest along a physical profile, so the choice
+        is ordered by where the chunk goes, whatever the codes' order in the codebook.
+        action_now (B, D): the current pose (needed with coarse_head_anchor)."""
+        head = self.coarse_head
+        if head is None:
+            raise ValueError(
+                "coarse_decode 'head' needs a model trained with transformer.coarse_head_weight > 0"
+            )
+        pred = self.coarse_profile(cond, action_now)  # (B, P, H)
+        dist = (self.coarse_profiles().unsqueeze(0) - pred.unsqueeze(2)).abs().sum(-1)  # (B, P, V)
+        dist = dist + (head.seen <= 0).float() * 1e6  # never a code no training chunk started with
+        return dist.argmin(dim=-1, keepdim=True)
 
     @torch.no_grad()
     def generate(
@@ -211,7 +313,7 @@ class CarpModel(nn.Module):
         f_hat, x_in = cond.new_zeros(B, tok.D * tok.C, tok.L), None
         for si in range(len(tok.scales)):  # static loop over K scales
             idx, f_hat, x_in, past_k, past_v = self.scale_step(
-                si, cond, x_in, f_hat, past_k, past_v, top_k, generator
+                si, cond, x_in, f_hat, past_k, past_v, top_k, generator, batch.get("action_now")
             )
             if tokens is not None:
                 tokens.append(idx)
