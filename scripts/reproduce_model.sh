@@ -9,7 +9,8 @@
 # (carp-sim collect --expert-variety wide) into data/TASK_wide instead of data/TASK; DATA=DIR names
 # another dataset; EPISODES=N collects N demonstrations (default 50, seeds 0..N-1). It writes DEST (default models/NAME: ONNX + manifest),
 # copies the training record to DEST/training/ and the evaluations (seeds 10000, 20000, 30000: never
-# data seeds) to DEST/eval/. The model card (MODEL_CARD.md) is written by hand from those.
+# data seeds) to DEST/eval/; EVAL_ARGS adds carp-eval arguments (e.g. "--sim-latency-ms 34"). The model
+# card (MODEL_CARD.md) is written by hand from those.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 3 ]; then
@@ -41,7 +42,8 @@ for f in config.yaml normalization.json tokenizer_report.json policy_report.json
 done
 for seed in 10000 20000 30000; do
   out="out/eval/$NAME/seed$seed"
-  "$BIN/carp-eval" --task "$TASK" --policy "$DEST" --trials 20 --seed "$seed" --out "$out"
+  # shellcheck disable=SC2086 # EVAL_ARGS is a list of arguments
+  "$BIN/carp-eval" --task "$TASK" --policy "$DEST" --trials 20 --seed "$seed" --out "$out" ${EVAL_ARGS:-}
   cp "$out/results.json" "$DEST/eval/seed$seed.json"
   cp "$out/summary.png" "$DEST/eval/seed$seed.png"
 done
