@@ -2,8 +2,8 @@
 
 ``golden/release_<model>.npz`` holds chunks that ``load_policy`` returned for ``models/cup``,
 ``models/bowl`` and ``models/cup_visual`` on fixed observations, recorded before the policy code was
-reorganised (``golden/record_release_golden.py``; ``bowl`` re-recorded with its retrained weights,
-from code that reproduced the other two files). Any refactoring of the inference path
+reorganised (``golden/record_release_golden.py``; ``bowl`` and ``cup_visual`` re-recorded with their
+retrained weights, from code that reproduced the other files). Any refactoring of the inference path
 (normalisation, the engine, the shift ensemble, the loader) must reproduce them.
 
 Tolerance: the recording and the check run the same onnxruntime graphs; on one machine the chunks
