@@ -484,6 +484,7 @@ def test_coarse_head_regresses_the_code_profile_and_picks_the_nearest_seen_code(
     tok, P, V, H = m.tokenizer, 3, cfg.tokenizer.codebook_size, cfg.tokenizer.horizon
     assert set(m.policy_stage_modules()) == {"encoder", "gpt", "coarse_head"}
     assert m.policy_log_fields == ("token_acc", "coarse_l1")
+    assert m.parameter_counts()["coarse_head"] == 32 * 256 + 256 + 256 * 3 * 16 + 3 * 16  # runs at inference
     # a code's profile: the chunk it decodes to alone at scale 1, dimension by dimension
     prof = m.coarse_profiles()
     assert prof.shape == (P, V, H)

@@ -214,12 +214,16 @@ class CarpModel(nn.Module):
         return out
 
     def parameter_counts(self) -> dict[str, int]:
-        """Trainable parameters per part (reports)."""
-        return {
+        """Trainable parameters per part (reports); the coarse head's when the model has one (it runs
+        at inference; the auxiliary head does not)."""
+        counts = {
             "encoder": count_parameters(self.encoder),
             "transformer": count_parameters(self.gpt),
             "tokenizer": count_parameters(self.tokenizer),
         }
+        if self.coarse_head is not None:
+            counts["coarse_head"] = count_parameters(self.coarse_head)
+        return counts
 
     # ------------------------------------------------------------------ inference
     def scale_step(
@@ -414,7 +418,8 @@ class CarpPolicy(ChunkPolicy):
     def describe(self) -> str:
         """One-line summary with parameter counts."""
         c = self.model.parameter_counts()
-        return json.dumps({"name": self.config.name, **c, "policy_params": c["encoder"] + c["transformer"]})
+        policy = c["encoder"] + c["transformer"] + c.get("coarse_head", 0)
+        return json.dumps({"name": self.config.name, **c, "policy_params": policy})
 
 
 Model = CarpModel  # the names the registry looks up (policies/__init__.py)
