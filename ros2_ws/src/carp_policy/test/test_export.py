@@ -516,6 +516,27 @@ def test_visual_carp_with_layer3_keypoints_and_aux_head_exports_with_parity(tmp_
     np.testing.assert_allclose(chunk.actions, policy.predict(obs).actions, atol=1e-5, rtol=0)
 
 
+def _decode_differs_from_argmax(policy, engine, decode: str, seed: int, check=None) -> int:
+    """On four random observations the engine's tokens and chunk match the torch policy's under
+    ``coarse_decode = decode`` (``check(tokens)`` on torch's tokens, if given); returns on how many of
+    them torch's argmax decode picks other scale-1 tokens."""
+    rng = np.random.default_rng(seed)
+    differs = 0
+    for _ in range(4):
+        obs = _random_observation(engine.spec, policy.normalizer, rng)
+        chunk, tokens = engine.predict_with_tokens(obs)
+        ref = _torch_tokens(policy, obs)
+        for got, want in zip(tokens, ref):
+            np.testing.assert_array_equal(got, want)
+        if check is not None:
+            check(ref)
+        np.testing.assert_allclose(chunk.actions, policy.predict(obs).actions, atol=1e-5, rtol=0)
+        policy.config.transformer.coarse_decode = "argmax"
+        differs += int(not np.array_equal(_torch_tokens(policy, obs)[0], ref[0]))
+        policy.config.transformer.coarse_decode = decode
+    return differs
+
+
 def test_expected_coarse_decode_is_in_the_graphs(tmp_path):
     """transformer.coarse_decode = "expected": the exported graphs pick the scale-1 tokens as torch
     does (the code nearest the codebook's mean under the softmax), not the argmax."""
@@ -524,19 +545,8 @@ def test_expected_coarse_decode_is_in_the_graphs(tmp_path):
     manifest = export_policy(policy, tmp_path, parity_samples=2, verbose=False)
     assert manifest["parity"]["passed"] and manifest["parity"]["tokens_equal"]
     engine = OnnxPolicy(tmp_path, intra_op_threads=1)
-    rng = np.random.default_rng(8)
-    differs = 0
-    for _ in range(4):
-        obs = _random_observation(engine.spec, policy.normalizer, rng)
-        chunk, tokens = engine.predict_with_tokens(obs)
-        ref = _torch_tokens(policy, obs)
-        for got, want in zip(tokens, ref):
-            np.testing.assert_array_equal(got, want)
-        np.testing.assert_allclose(chunk.actions, policy.predict(obs).actions, atol=1e-5, rtol=0)
-        policy.config.transformer.coarse_decode = "argmax"
-        differs += int(not np.array_equal(_torch_tokens(policy, obs)[0], ref[0]))
-        policy.config.transformer.coarse_decode = "expected"
-    assert differs > 0  # the graphs do not merely match torch where both decodes agree
+    # the graphs do not merely match torch where both decodes agree
+    assert _decode_differs_from_argmax(policy, engine, "expected", seed=8) > 0
 
 
 @pytest.mark.parametrize("anchor", [False, True])
@@ -557,20 +567,11 @@ def test_head_coarse_decode_is_in_the_graphs(tmp_path, anchor):
     assert manifest["parity"]["passed"] and manifest["parity"]["tokens_equal"]
     assert ("action_now" in manifest["graphs"][0]["inputs"]) == anchor
     engine = OnnxPolicy(tmp_path, intra_op_threads=1)
-    rng = np.random.default_rng(9)
-    differs = 0
-    for _ in range(4):
-        obs = _random_observation(engine.spec, policy.normalizer, rng)
-        chunk, tokens = engine.predict_with_tokens(obs)
-        ref = _torch_tokens(policy, obs)
-        for got, want in zip(tokens, ref):
-            np.testing.assert_array_equal(got, want)
-        assert np.all(ref[0][0, :3, 0] % 3 == 0)  # seen codes only
-        np.testing.assert_allclose(chunk.actions, policy.predict(obs).actions, atol=1e-5, rtol=0)
-        policy.config.transformer.coarse_decode = "argmax"
-        differs += int(not np.array_equal(_torch_tokens(policy, obs)[0], ref[0]))
-        policy.config.transformer.coarse_decode = "head"
-    assert differs > 0
+
+    def seen_only(tokens: list[np.ndarray]) -> None:
+        assert np.all(tokens[0][0, :3, 0] % 3 == 0)
+
+    assert _decode_differs_from_argmax(policy, engine, "head", seed=9, check=seen_only) > 0
     # the same weights exported with argmax read no pose: the graph has no such input
     policy.config.transformer.coarse_decode = "argmax"
     argmax = export_policy(policy, tmp_path / "argmax", parity_samples=1, verbose=False)
