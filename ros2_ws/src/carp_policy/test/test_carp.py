@@ -596,3 +596,55 @@ def test_anchored_coarse_head_regresses_the_move_from_the_current_pose():
         m.generate({"state": obs["state"], "images": {}})
     with pytest.raises(ValueError, match="coarse_head_anchor needs"):
         CarpConfig(transformer=TransformerConfig(coarse_head_anchor=True))
+
+
+def test_coarse_head_gripper_regresses_and_picks_the_gripper_code_too():
+    """transformer.coarse_head_gripper: the head's dimensions are x, y, z and the gripper (the last
+    action dimension): its profiles, its loss target, its anchor and its picks include the gripper's
+    scale-1 code, which generate then uses in place of the transformer's argmax; rotation stays the
+    transformer's."""
+    torch.manual_seed(2)
+    cfg = tiny_config()
+    cfg.transformer = TransformerConfig(
+        depth=2,
+        width=32,
+        heads=2,
+        coarse_head_weight=1.0,
+        coarse_head_anchor=True,
+        coarse_decode="head",
+        coarse_head_gripper=True,
+    )
+    m = CarpModel(cfg).eval()
+    dims, tok = [0, 1, 2, 9], m.tokenizer
+    assert m.coarse_dims == tuple(dims) and m.coarse_head(torch.zeros(1, cfg.encoder.out_dim)).shape[1] == 4
+    prof = m.coarse_profiles()  # (4, V, H)
+    idx = torch.randint(0, tok.V, (1, tok.D, 1))
+    f_hat, _ = tok.next_input(0, torch.zeros(1, tok.D * tok.C, tok.L), idx)
+    alone = tok.decode_features(f_hat)[0]  # (H, D)
+    for j, d in enumerate(dims):
+        torch.testing.assert_close(prof[j, idx[0, d, 0]], alone[:, d])
+    now = torch.rand(4, 10) * 2 - 1
+    obs = {"state": torch.randn(4, 2, 10), "images": {}, "action_now": now}
+    actions = torch.rand(4, 16, 10) * 2 - 1
+    m.coarse_head.train()
+    _, info = m.loss(obs, actions)
+    m.coarse_head.eval()
+    cond = m.encoder(obs)
+    with torch.no_grad():
+        target = m.flat_tokens(tok.encode(actions))[:, dims]  # (4, 4) scale-1 codes
+        moved = m.coarse_head(cond) + now[:, dims, None]
+    goal = torch.stack([prof[j, target[:, j]] for j in range(4)], dim=1)
+    assert info["coarse_l1"] == pytest.approx(torch.nn.functional.l1_loss(moved, goal).item(), rel=1e-5)
+    assert set(m.coarse_head.seen[3].nonzero()[:, 0].tolist()) == set(target[:, 3].tolist())
+    with torch.no_grad():
+        m.coarse_head.seen.fill_(1.0)
+    tokens: list[torch.Tensor] = []
+    m.generate(obs, tokens=tokens)
+    picked = m.head_codes(cond, now)  # (4, 4, 1)
+    assert torch.equal(tokens[0][:, dims], picked)
+    with torch.no_grad():
+        past_k, past_v = m.gpt.empty_cache(4, cond.device)
+        first, _, _ = m.gpt.step(m.gpt.start_tokens(cond), cond, past_k, past_v)  # (4, D, V)
+    assert torch.equal(tokens[0][:, 3:9, 0], first[:, 3:9].argmax(-1))  # rotation: the transformer's
+    with pytest.raises(ValueError, match="coarse_head_gripper needs"):
+        CarpConfig(transformer=TransformerConfig(coarse_head_gripper=True))

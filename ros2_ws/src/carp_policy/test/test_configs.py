@@ -32,6 +32,7 @@ NEW_LEAVES = {
     "transformer.coarse_decode",
     "transformer.coarse_head_weight",
     "transformer.coarse_head_anchor",
+    "transformer.coarse_head_gripper",
 }
 # configs of families added after the golden: there is no old loader's resolution to hold them to
 NEW_CONFIGS = {"coa_state_env", "coa_visual", "visual_head"}

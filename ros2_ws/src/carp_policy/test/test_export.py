@@ -549,16 +549,16 @@ def test_expected_coarse_decode_is_in_the_graphs(tmp_path):
     assert _decode_differs_from_argmax(policy, engine, "expected", seed=8) > 0
 
 
-@pytest.mark.parametrize("anchor", [False, True])
-def test_head_coarse_decode_is_in_the_graphs(tmp_path, anchor):
+@pytest.mark.parametrize(("anchor", "gripper"), [(False, False), (True, False), (True, True)])
+def test_head_coarse_decode_is_in_the_graphs(tmp_path, anchor, gripper):
     """transformer.coarse_decode = "head": the exported graphs run the coarse head and pick the
-    scale-1 x, y, z codes as torch does (the seen code with the nearest profile), not the argmax;
-    an anchored head reads the current pose, an extra input of the first graph that the engine
-    fills from the observation."""
+    scale-1 x, y, z codes (and the gripper's, with coarse_head_gripper) as torch does (the seen code
+    with the nearest profile), not the argmax; an anchored head reads the current pose, an extra
+    input of the first graph that the engine fills from the observation."""
     torch.manual_seed(7)
     cfg = _carp_cfg("state")
     cfg.transformer.coarse_head_weight, cfg.transformer.coarse_decode = 1.0, "head"
-    cfg.transformer.coarse_head_anchor = anchor
+    cfg.transformer.coarse_head_anchor, cfg.transformer.coarse_head_gripper = anchor, gripper
     policy = CarpPolicy(cfg, None, Normalizer(LO, HI, LO, HI))
     _wake(policy.model.parameters())
     with torch.no_grad():  # as if training had seen a third of the codes at scale 1
@@ -569,7 +569,7 @@ def test_head_coarse_decode_is_in_the_graphs(tmp_path, anchor):
     engine = OnnxPolicy(tmp_path, intra_op_threads=1)
 
     def seen_only(tokens: list[np.ndarray]) -> None:
-        assert np.all(tokens[0][0, :3, 0] % 3 == 0)
+        assert np.all(tokens[0][0, list(policy.model.coarse_dims), 0] % 3 == 0)
 
     assert _decode_differs_from_argmax(policy, engine, "head", seed=9, check=seen_only) > 0
     # the same weights exported with argmax read no pose: the graph has no such input

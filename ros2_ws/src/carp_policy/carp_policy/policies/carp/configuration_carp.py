@@ -73,6 +73,13 @@ class TransformerConfig:
     # predicts absolute heights can pick the z profile of another phase (measured: chunks starting
     # 10-17 cm above or below the arm, refused by the driver, replanned identically until timeout)
     coarse_head_anchor: bool = False
+    # the coarse head also regresses the gripper's scale-1 profile, and coarse_decode "head" picks
+    # that code too: the gripper's decision then comes from the regression that already follows the
+    # cup. Motivation (docs/results.md, "twice the training"): at table height holding the cup, the
+    # demonstrations lift with the gripper closed after the grasp and open it over the target; a
+    # visual policy whose transformer took one for the other lifted with the gripper open, grasped
+    # again and timed out (10 of 60 trials). Not measured yet: off by default.
+    coarse_head_gripper: bool = False
 
 
 @dataclass
@@ -116,6 +123,8 @@ class CarpConfig(PolicyConfig):
             )
         if self.transformer.coarse_head_anchor and self.transformer.coarse_head_weight <= 0:
             raise ValueError("transformer.coarse_head_anchor needs transformer.coarse_head_weight > 0")
+        if self.transformer.coarse_head_gripper and self.transformer.coarse_head_weight <= 0:
+            raise ValueError("transformer.coarse_head_gripper needs transformer.coarse_head_weight > 0")
         if decode == "head" and self.transformer.coarse_head_weight <= 0:
             raise ValueError("transformer.coarse_decode 'head' needs transformer.coarse_head_weight > 0")
         if self.transformer.width % self.transformer.heads:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from carp_policy.actions import GRIPPER
 from carp_policy.encoders import build_encoder
 from carp_policy.normalization import Normalizer
 from carp_policy.policies.carp.configuration_carp import CarpConfig
@@ -92,9 +93,15 @@ class CarpModel(nn.Module):
             self.policy_log_fields = ("token_acc", "aux_l1")
         self.coarse_head: CoarseHead | None = None
         self._coarse_profiles: tuple[tuple, torch.Tensor] | None = None  # (cache key, (P, V, H))
+        # the action dimensions the coarse head regresses and picks: x, y, z (and the gripper)
+        self.coarse_dims = tuple(range(POSITION_DIMS)) + (
+            (GRIPPER,) if cfg.transformer.coarse_head_gripper else ()
+        )
         if cfg.transformer.coarse_head_weight > 0:
             tok = cfg.tokenizer
-            self.coarse_head = CoarseHead(cfg.encoder.out_dim, POSITION_DIMS, tok.horizon, tok.codebook_size)
+            self.coarse_head = CoarseHead(
+                cfg.encoder.out_dim, len(self.coarse_dims), tok.horizon, tok.codebook_size
+            )
             self.policy_log_fields = (*self.policy_log_fields, "coarse_l1")
 
     @property
@@ -139,31 +146,32 @@ class CarpModel(nn.Module):
             loss = loss + self.cfg.transformer.aux_weight * aux
             info["aux_l1"] = aux.item()
         if self.coarse_head is not None:
-            P = POSITION_DIMS
+            dims = list(self.coarse_dims)  # scale 1 holds one token per dimension, in order
             prof = self.coarse_profiles()  # (P, V, H)
-            goal = prof[torch.arange(P, device=target.device), target[:, :P]]  # (B, P, H)
+            goal = prof[torch.arange(len(dims), device=target.device), target[:, dims]]  # (B, P, H)
             coarse_l1 = F.l1_loss(self.coarse_profile(cond, batch.get("action_now")), goal)
             loss = loss + self.cfg.transformer.coarse_head_weight * coarse_l1
             info["coarse_l1"] = coarse_l1.item()
             if self.coarse_head.training:
-                self.coarse_head.mark_seen(target[:, :P])
+                self.coarse_head.mark_seen(target[:, dims])
         return loss, {"loss": loss.item(), **info}
 
     @torch.no_grad()
     def coarse_profiles(self) -> torch.Tensor:
-        """(P, V, H): for x, y, z, every code's normalised chunk when it is the scale-1 token and
-        every finer scale is empty (the frozen tokenizer's decoder; dimensions decode independently).
+        """(P, V, H): for x, y, z (and the gripper: coarse_dims), every code's normalised chunk when
+        it is the scale-1 token and every finer scale is empty (the frozen tokenizer's decoder;
+        dimensions decode independently).
         A code's physical fingerprint: what the regressed coarse head (CoarseHead) is matched to.
 
         Cached (decoding all V codes costs ~60 ms on a CPU): the key is every tokenizer tensor's
         in-place version, so training the tokenizer or loading weights into it recomputes it."""
-        tok, P = self.tokenizer, POSITION_DIMS
+        tok = self.tokenizer
         key = tuple((t.data_ptr(), t._version) for t in tok.state_dict(keep_vars=True).values())
         if self._coarse_profiles is not None and self._coarse_profiles[0] == key:
             return self._coarse_profiles[1]
         idx = torch.arange(tok.V, device=tok.codebook.device).view(tok.V, 1, 1).expand(tok.V, tok.D, 1)
         f_hat, _ = tok.next_input(0, tok.codebook.new_zeros(tok.V, tok.D * tok.C, tok.L), idx)
-        prof = tok.decode_features(f_hat)[..., :P].permute(2, 0, 1).float()  # (V, H, D) -> (P, V, H)
+        prof = tok.decode_features(f_hat)[..., list(self.coarse_dims)].permute(2, 0, 1).float()  # (P, V, H)
         self._coarse_profiles = (key, prof)
         return prof
 
@@ -253,12 +261,14 @@ class CarpModel(nn.Module):
         idx = sample_tokens(logits, top_k, generator).view(cond.shape[0], tok.D, tok.scales[si])
         decode = self.cfg.transformer.coarse_decode
         if si == 0 and top_k <= 0 and decode != "argmax":
-            P = POSITION_DIMS  # x, y, z from the codebook mean or the head; rotation, gripper: argmax
+            P = POSITION_DIMS  # x, y, z from the codebook mean or the head; the rest argmax
             if decode == "expected":
-                coarse = self.expected_codes(logits[:, :P])
-            else:
-                coarse = self.head_codes(cond, action_now)
-            idx = torch.cat([coarse, idx[:, P:]], dim=1)  # (B, D, 1)
+                idx = torch.cat([self.expected_codes(logits[:, :P]), idx[:, P:]], dim=1)  # (B, D, 1)
+            else:  # the head's dimensions from the head (slices and a cat: static in the graphs)
+                coarse, dims = self.head_codes(cond, action_now), self.coarse_dims  # (B, P, 1)
+                idx = torch.cat(
+                    [coarse[:, [dims.index(d)]] if d in dims else idx[:, [d]] for d in range(tok.D)], dim=1
+                )
         f_hat, nxt = tok.next_input(si, f_hat, idx)
         return idx, f_hat, nxt, k, v
 
@@ -272,7 +282,7 @@ class CarpModel(nn.Module):
         return tok.lookup(mean.to(cb.dtype).reshape(mean.shape[0], P * tok.C, 1), dims=P)
 
     def coarse_profile(self, cond: torch.Tensor, action_now: torch.Tensor | None) -> torch.Tensor:
-        """The coarse head's regressed x, y, z profile (B, P, H), normalised. With
+        """The coarse head's regressed profile (B, P, H) of coarse_dims, normalised. With
         TransformerConfig.coarse_head_anchor the head regresses the move from the current pose
         (action_now (B, D), the TCP as a normalised action) and the pose is added back."""
         assert self.coarse_head is not None
@@ -281,10 +291,10 @@ class CarpModel(nn.Module):
             return pred
         if action_now is None:
             raise ValueError("coarse_head_anchor: the observation batch has no action_now (the current pose)")
-        return pred + action_now[:, :POSITION_DIMS, None].float()
+        return pred + action_now[:, list(self.coarse_dims), None].float()
 
     def head_codes(self, cond: torch.Tensor, action_now: torch.Tensor | None = None) -> torch.Tensor:
-        """cond (B, E) -> (B, P, 1): per dimension of x, y, z, the seen scale-1 code whose profile
+        """cond (B, E) -> (B, P, 1): per dimension of coarse_dims, the seen scale-1 code whose profile
         (coarse_profiles) lies nearest, in L1, to the one the coarse head regresses
         (TransformerConfig.coarse_decode = "head"). Nearest along a physical profile, so the choice
         is ordered by where the chunk goes, whatever the codes' order in the codebook.
