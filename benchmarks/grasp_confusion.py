@@ -1,0 +1,107 @@
+"""Does a cup policy mistake the grasp for the release? Counted per trial, in closed loop.
+
+    .venv/bin/python benchmarks/grasp_confusion.py --policy out/models/cup_visual_6k \\
+        --results benchmarks/results/success/cup_visual_6k/seed10000.json [--results ...] \\
+        [--seeds 20000,20001] [--sim-latency-ms 34] --out benchmarks/results/grasp_confusion_6k.json
+
+In every demonstration the gripper reads the cup's width (about 61 mm) twice with the TCP at table
+height: after it closes on the cup at the start, and before it opens over the target. The expert
+lifts with the gripper closed after the first and opens it after the second. A policy that confuses
+the two commands "open" while it holds the cup far from the target, drops the cup, descends, grasps
+again, and times out. For each trial this replays the evaluation (``carp_bringup.evaluate.run_trial``
+through the driver core; the same rollout as ``carp-eval`` with the same ``--sim-latency-ms``) and
+counts the plans made while holding (state gripper under 70 mm, TCP more than 10 cm from the target
+in y) and, among them, those whose chunk commands the gripper open (over 70 mm) at its first or
+eighth step. ``--results`` adds the failed trials of carp-eval results.json files (their seeds);
+``--seeds`` adds any others (successes, as a control). Writes one JSON with a row per trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import machine
+import numpy as np
+
+HOLDING_M = 0.07  # under this the gripper holds the cup (open: 85 mm, on the cup: 61 mm)
+AWAY_FROM_TARGET_M = 0.10  # |TCP y - target y| beyond this: not over the target
+
+
+def trace(policy_spec: str, seed: int, sim_latency_ms: float) -> dict:
+    """One trial of the cup task with the plans counted (see the module doc)."""
+    from carp_bringup.evaluate import EvalConfig, load_policy, run_trial
+    from carp_sim.env import SimCell, SimConfig
+
+    cfg = EvalConfig(task="cup", trials=1, seed=seed, sim_latency_s=sim_latency_ms / 1e3, videos=0)
+    policy = load_policy(policy_spec, cfg=cfg)
+    cfg.execute_steps = int(policy.contract["execute_steps"])
+    cell = SimCell(task="cup", config=SimConfig(cameras=tuple(policy.cameras), render=bool(policy.cameras)))
+    counts = {"plans": 0, "holding_plans": 0, "open_while_holding": 0}
+    predict = policy.predict
+
+    def counted(obs):  # the policy's own predict, with the chunk inspected on the way out
+        chunk = predict(obs)
+        actions, state = np.asarray(chunk.actions), np.asarray(obs.state)[-1]
+        counts["plans"] += 1
+        if state[-1] < HOLDING_M and abs(state[1] - cell.layout.target_xy[1]) > AWAY_FROM_TARGET_M:
+            counts["holding_plans"] += 1
+            counts["open_while_holding"] += int(max(actions[0, -1], actions[7, -1]) > HOLDING_M)
+        return chunk
+
+    policy.predict = counted
+    try:
+        result = run_trial(cell, policy, seed, cfg)
+    finally:
+        cell.close()
+    return {"seed": seed, "success": result.success, "reason": result.reason, **counts}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--policy", required=True, help="an exported model dir or models/NAME (cup task)")
+    p.add_argument(
+        "--results", action="append", default=[], help="carp-eval results.json: trace its failures"
+    )
+    p.add_argument("--seeds", default="", help="comma-separated extra trial seeds")
+    p.add_argument("--sim-latency-ms", type=float, default=34.0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    seeds = [
+        t["seed"]
+        for f in args.results
+        for t in json.loads(Path(f).read_text())["per_trial"]
+        if not t["success"]
+    ]
+    seeds += [int(s) for s in args.seeds.split(",") if s]
+    if not seeds:
+        p.error("no trials: give --results with failures or --seeds")
+    rows = []
+    for seed in seeds:
+        rows.append(trace(args.policy, seed, args.sim_latency_ms))
+        print(json.dumps(rows[-1]), flush=True)
+    confused = [r["seed"] for r in rows if r["open_while_holding"] >= 3]
+    summary = {
+        "policy": args.policy,
+        "sim_latency_ms": args.sim_latency_ms,
+        "holding_m": HOLDING_M,
+        "away_from_target_m": AWAY_FROM_TARGET_M,
+        "trials": rows,
+        "confused_trials": confused,  # 3 or more open commands while holding away from the target
+        "machine": machine.machine_info(),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=1))
+    print(
+        f"{len(confused)} of {len(rows)} trials mistake the grasp for the release: {confused}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
