@@ -31,15 +31,11 @@ HOLDING_M = 0.07  # under this the gripper holds the cup (open: 85 mm, on the cu
 AWAY_FROM_TARGET_M = 0.10  # |TCP y - target y| beyond this: not over the target
 
 
-def trace(policy_spec: str, seed: int, sim_latency_ms: float) -> dict:
-    """One trial of the cup task with the plans counted (see the module doc)."""
-    from carp_bringup.evaluate import EvalConfig, load_policy, run_trial
-    from carp_sim.env import SimCell, SimConfig
+def trace(policy, cell, cfg, seed: int) -> dict:
+    """One trial of the cup task with the plans counted (see the module doc); ``policy`` and
+    ``cell`` are loaded once and reset by ``run_trial`` for each seed."""
+    from carp_bringup.evaluate import run_trial
 
-    cfg = EvalConfig(task="cup", trials=1, seed=seed, sim_latency_s=sim_latency_ms / 1e3, videos=0)
-    policy = load_policy(policy_spec, cfg=cfg)
-    cfg.execute_steps = int(policy.contract["execute_steps"])
-    cell = SimCell(task="cup", config=SimConfig(cameras=tuple(policy.cameras), render=bool(policy.cameras)))
     counts = {"plans": 0, "holding_plans": 0, "open_while_holding": 0}
     predict = policy.predict
 
@@ -56,7 +52,7 @@ def trace(policy_spec: str, seed: int, sim_latency_ms: float) -> dict:
     try:
         result = run_trial(cell, policy, seed, cfg)
     finally:
-        cell.close()
+        policy.predict = predict
     return {"seed": seed, "success": result.success, "reason": result.reason, **counts}
 
 
@@ -80,10 +76,20 @@ def main() -> int:
     seeds += [int(s) for s in args.seeds.split(",") if s]
     if not seeds:
         p.error("no trials: give --results with failures or --seeds")
+    from carp_bringup.evaluate import EvalConfig, load_policy
+    from carp_sim.env import SimCell, SimConfig
+
+    cfg = EvalConfig(task="cup", trials=1, sim_latency_s=args.sim_latency_ms / 1e3, videos=0)
+    policy = load_policy(args.policy, cfg=cfg)
+    cfg.execute_steps = int(policy.contract["execute_steps"])  # the model's own, as carp-eval runs it
+    cell = SimCell(task="cup", config=SimConfig(cameras=tuple(policy.cameras), render=bool(policy.cameras)))
     rows = []
-    for seed in seeds:
-        rows.append(trace(args.policy, seed, args.sim_latency_ms))
-        print(json.dumps(rows[-1]), flush=True)
+    try:
+        for seed in seeds:
+            rows.append(trace(policy, cell, cfg, seed))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        cell.close()
     confused = [r["seed"] for r in rows if r["open_while_holding"] >= 3]
     summary = {
         "policy": args.policy,

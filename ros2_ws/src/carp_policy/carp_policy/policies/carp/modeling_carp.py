@@ -43,8 +43,9 @@ def sample_tokens(
 
 
 class CoarseHead(nn.Module):
-    """The regressed scale-1 position tokens (TransformerConfig.coarse_head_weight): cond (B, E) ->
-    (B, P, H), the normalised 16-step profile of x, y, z that the chunk's scale-1 codes decode to.
+    """The regressed scale-1 tokens (TransformerConfig.coarse_head_weight): cond (B, E) -> (B, P, H),
+    the normalised 16-step profile that the chunk's scale-1 codes of x, y, z (and the gripper, with
+    coarse_head_gripper: CarpModel.coarse_dims) decode to.
 
     ``seen`` (P, V) marks the codes that were a scale-1 target of a training batch: inference picks
     among those only (a code that only ever refined a finer scale decodes alone to a meaningless
