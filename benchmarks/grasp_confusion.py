@@ -71,30 +71,62 @@ def demo_phases(data: Path, lags: tuple[int, ...] = (0, 2, 4, 6, 8, 12)) -> dict
     from carp_policy.dataset.reader import EpisodeDataset
 
     ds = EpisodeDataset(data, cameras=[])
-    lift, release = [], []
+    states, lift, release = [], [], []  # per episode: the state (T, D) and the two decision steps
     for i in range(len(ds)):
         v = ds.vectors(i)
         s, a = v["state"], v["action"]
         close = int(np.argmax(a[:, -1] < HOLDING_M))  # the first step commanding the gripper closed
         # the lift: the first step after it whose target is 5 mm above the TCP; the release: the
-        # first step after it commanding the gripper open
-        lift.append(close + int(np.argmax(a[close:, 2] > s[close:, 2] + 0.005)))
-        release.append(close + int(np.argmax(a[close:, -1] > HOLDING_M)))
-        for name, idx in (("lift", lift), ("release", release)):
-            if idx[-1] == close:
-                raise ValueError(f"episode {i} of {data}: no {name} after the grasp")
+        # first step after it commanding the gripper open (argmax 0: none found)
+        up, opens = np.argmax(a[close:, 2] > s[close:, 2] + 0.005), np.argmax(a[close:, -1] > HOLDING_M)
+        if not (up and opens):
+            raise ValueError(f"episode {i} of {data}: no {'lift' if not up else 'release'} after the grasp")
+        states.append(s)
+        lift.append(close + int(up))
+        release.append(close + int(opens))
     rows = {}
     for lag in lags:
         row = {}
         for name, idx in (("lift", lift), ("release", release)):
-            states = np.stack([ds.vectors(i)["state"][max(t - lag, 0)] for i, t in enumerate(idx)])
+            at = np.stack([st[max(t - lag, 0)] for st, t in zip(states, idx)])  # (episodes, D)
             for col, dim in (("z_mm", 2), ("gripper_mm", -1)):
                 row[f"{name}_{col}"] = [
-                    round(1e3 * float(states[:, dim].mean()), 1),
-                    round(1e3 * float(states[:, dim].std()), 1),
+                    round(1e3 * float(at[:, dim].mean()), 1),
+                    round(1e3 * float(at[:, dim].std()), 1),
                 ]
         rows[f"lag_{lag}"] = row
     return {"data": str(data), "episodes": len(ds), "mean_std": rows}
+
+
+def trace_policy(args: argparse.Namespace, seeds: list[int]) -> dict:
+    """Replay ``seeds`` with ``args.policy`` in the twin, counted by :func:`trace`."""
+    from carp_bringup.evaluate import EvalConfig, load_policy
+    from carp_sim.env import SimCell, SimConfig
+
+    cfg = EvalConfig(task="cup", trials=1, sim_latency_s=args.sim_latency_ms / 1e3, videos=0)
+    policy = load_policy(args.policy, cfg=cfg)
+    cfg.execute_steps = int(policy.contract["execute_steps"])  # the model's own, as carp-eval runs it
+    cell = SimCell(task="cup", config=SimConfig(cameras=tuple(policy.cameras), render=bool(policy.cameras)))
+    rows = []
+    try:
+        for seed in seeds:
+            rows.append(trace(policy, cell, cfg, seed))
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        cell.close()
+    confused = [r["seed"] for r in rows if r["open_while_holding"] >= 3]
+    print(
+        f"{len(confused)} of {len(rows)} trials mistake the grasp for the release: {confused}",
+        file=sys.stderr,
+    )
+    return {
+        "policy": args.policy,
+        "sim_latency_ms": args.sim_latency_ms,
+        "holding_m": [EMPTY_M, HOLDING_M],
+        "away_from_target_m": AWAY_FROM_TARGET_M,
+        "trials": rows,
+        "confused_trials": confused,  # 3 or more open commands while holding away from the target
+    }
 
 
 def main() -> int:
@@ -130,37 +162,6 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=1))
     return 0
-
-
-def trace_policy(args: argparse.Namespace, seeds: list[int]) -> dict:
-    """Replay ``seeds`` with ``args.policy`` in the twin, counted by :func:`trace`."""
-    from carp_bringup.evaluate import EvalConfig, load_policy
-    from carp_sim.env import SimCell, SimConfig
-
-    cfg = EvalConfig(task="cup", trials=1, sim_latency_s=args.sim_latency_ms / 1e3, videos=0)
-    policy = load_policy(args.policy, cfg=cfg)
-    cfg.execute_steps = int(policy.contract["execute_steps"])  # the model's own, as carp-eval runs it
-    cell = SimCell(task="cup", config=SimConfig(cameras=tuple(policy.cameras), render=bool(policy.cameras)))
-    rows = []
-    try:
-        for seed in seeds:
-            rows.append(trace(policy, cell, cfg, seed))
-            print(json.dumps(rows[-1]), flush=True)
-    finally:
-        cell.close()
-    confused = [r["seed"] for r in rows if r["open_while_holding"] >= 3]
-    print(
-        f"{len(confused)} of {len(rows)} trials mistake the grasp for the release: {confused}",
-        file=sys.stderr,
-    )
-    return {
-        "policy": args.policy,
-        "sim_latency_ms": args.sim_latency_ms,
-        "holding_m": [EMPTY_M, HOLDING_M],
-        "away_from_target_m": AWAY_FROM_TARGET_M,
-        "trials": rows,
-        "confused_trials": confused,  # 3 or more open commands while holding away from the target
-    }
 
 
 if __name__ == "__main__":

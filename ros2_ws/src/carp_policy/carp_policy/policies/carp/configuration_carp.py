@@ -78,7 +78,9 @@ class TransformerConfig:
     # cup. Motivation (docs/results.md, "twice the training"): at table height holding the cup, the
     # demonstrations lift with the gripper closed after the grasp and open it over the target; a
     # visual policy whose transformer took one for the other lifted with the gripper open, grasped
-    # again and timed out (10 of 60 trials). Not measured yet: off by default.
+    # again and timed out (10 of 60 trials). Measured (docs/results.md, "the gripper in the coarse
+    # head"): worse, the head opens on every plan after the grasp (10 of 60), as one frame cannot
+    # tell the lift from the release and a regression keeps no odds between them. Off by default.
     coarse_head_gripper: bool = False
 
 
