@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     for label, spec, policy in policies:
         aim, mean, start, offsets, ends = [], [], [], [], []
         for obs, ref in zip(observations, expert):
-            history = ObservationHistory(policy.obs_horizon)
+            history = ObservationHistory(policy.obs_horizon, policy.obs_stride)
             chunk = policy.predict(history.push(obs)).actions
             aim.append(np.linalg.norm(chunk[-1, :2] - ref[-1, :2]) * 1e3)
             mean.append(np.linalg.norm(chunk[:, :3] - ref[:, :3], axis=1).mean() * 1e3)

@@ -113,7 +113,7 @@ def _policy_load(policy_spec: str, stop: threading.Event, inbox) -> int:
 
     pol = load_policy(policy_spec, cfg=EvalConfig())
     cell = SimCell("cup", SimConfig(render=False))
-    obs = ObservationHistory(pol.obs_horizon).push(cell.reset(0))
+    obs = ObservationHistory(pol.obs_horizon, pol.obs_stride).push(cell.reset(0))
     n, last, phase = 0, 0.0, 0.0
     while not stop.is_set():
         pol.predict(obs)

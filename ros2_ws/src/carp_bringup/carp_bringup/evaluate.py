@@ -118,7 +118,7 @@ def run_trial(
     driver = cell.driver  # an ArmDriver, or a DriverProcess on a cell: called by method only
     driver.set_executor(cfg.executor, cfg.execute_steps)  # its history cleared
     before = driver.refusal_counts()
-    history = ObservationHistory(policy.obs_horizon)
+    history = ObservationHistory(policy.obs_horizon, policy.obs_stride)
     stacked = history.push(obs)
     latencies: list[float] = []
     steps = plans = refused = 0

@@ -261,6 +261,7 @@ class Policy(Protocol):
     """What every policy family (CARP, CoA, DP-C, the scripted expert) and engine exposes."""
 
     obs_horizon: int
+    obs_stride: int  # control periods between the observation rows (1: consecutive)
     cameras: tuple[str, ...]
 
     def reset(self) -> None:
@@ -304,6 +305,7 @@ class StreamBuffer:
         self.name = name
         self._items: deque[Sample] = deque(maxlen=capacity)
         self._lock = threading.Lock()
+        self.evicted = False  # a sample was pushed out: the earliest one is not the stream's first
 
     def push(self, t: float, value: np.ndarray) -> None:
         """Add a sample captured at time ``t`` (s)."""
@@ -316,11 +318,18 @@ class StreamBuffer:
                     f"stream '{self.name}': capture time went backwards ({t:.6f} s after "
                     f"{self._items[-1].t:.6f} s)"
                 )
+            if len(self._items) == self._items.maxlen:
+                self.evicted = True
             self._items.append(Sample(t, value))
+
+    @property
+    def capacity(self) -> int:
+        return self._items.maxlen or 0
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self.evicted = False
 
     def __len__(self) -> int:
         return len(self._items)
@@ -353,7 +362,8 @@ class AlignerConfig:
     """How an observation history is assembled from timestamped streams."""
 
     horizon: int = 1  # O: observation rows, the newest last
-    dt: float = 1.0 / CONTROL_RATE_HZ  # s between rows (the control period the policy was trained at)
+    dt: float = 1.0 / CONTROL_RATE_HZ  # s, the control period the policy was trained at
+    stride: int = 1  # control periods between rows (the policy's obs_stride): rows stride * dt apart
     # s: the newest sample of every stream must be at most this old at the decision time; older, the
     # policy pauses and the arm holds (a camera at 30 fps is at most ~33 ms old, the robot state ~2 ms)
     max_age: float = 0.1
@@ -373,8 +383,10 @@ class ObservationAligner:
     """Builds a policy's observation history at the control period from per-stream buffers.
 
     Row i of the observation for decision time t uses, from each stream, the latest sample at or
-    before ``t - (O - 1 - i) * dt``; before a stream's first sample the earliest one is repeated
-    (edge padding, as training pads the start of an episode). The state vector is the
+    before ``t - (O - 1 - i) * stride * dt``; before a stream's first sample the earliest one is
+    repeated (edge padding, as training pads the start of an episode). A stream whose buffer has
+    already let go of the sample a row needs raises (reason ``history``) rather than pad: that
+    row would claim a moment the stream no longer holds. The state vector is the
     concatenation of the ``state`` streams in order (e.g. the TCP pose then the gripper opening).
     A stream with no sample, one older than ``max_age`` or streams further apart than ``max_skew``
     raise ``StaleObservationError``: the caller must not run the policy on it.
@@ -388,8 +400,8 @@ class ObservationAligner:
         config: AlignerConfig | None = None,
     ) -> None:
         self.config = config or AlignerConfig()
-        if self.config.horizon < 1:
-            raise ValueError("observation horizon must be >= 1")
+        if self.config.horizon < 1 or self.config.stride < 1:
+            raise ValueError("observation horizon and stride must be >= 1")
         if not state:
             raise ValueError("ObservationAligner needs at least one state stream")
         self.state, self.env_state = list(state), list(env_state)
@@ -411,7 +423,7 @@ class ObservationAligner:
             if t is None:
                 empty = [b.name for b in self._streams() if not len(b)]
                 raise StaleObservationError(f"no sample yet from stream(s) {empty}", "missing")
-        times = t - cfg.dt * np.arange(cfg.horizon - 1, -1, -1)  # (O,), oldest first
+        times = t - cfg.stride * cfg.dt * np.arange(cfg.horizon - 1, -1, -1)  # (O,), oldest first
         rows: dict[str, list[Sample]] = {}
         for buf in self._streams():
             newest = buf.at(times[-1])
@@ -420,7 +432,15 @@ class ObservationAligner:
                     f"stream '{buf.name}' has no sample at or before t={t:.3f} s", "missing"
                 )
             first = buf.earliest()
-            rows[buf.name] = [buf.at(ti) or first for ti in times[:-1]] + [newest]
+            older = [buf.at(ti) for ti in times[:-1]]
+            if buf.evicted and any(s is None for s in older):
+                raise StaleObservationError(
+                    f"stream '{buf.name}' holds {newest.t - first.t:.2f} s of history ({buf.capacity} "
+                    f"samples); the policy looks {times[-1] - times[0]:.2f} s back: give the buffer "
+                    "more capacity",
+                    "history",
+                )
+            rows[buf.name] = [s or first for s in older] + [newest]
         ages = {name: float(t - r[-1].t) for name, r in rows.items()}
         old = {n: a for n, a in ages.items() if a > cfg.max_age}
         if old:
@@ -455,13 +475,14 @@ class ObservationAligner:
 class ObservationHistory:
     """The observation history of a synchronous source (the twin, a replayed episode), where every
     pushed observation is one sample of every stream taken at the same instant, one control period
-    after the last: the last ``horizon`` pushes, edge-padded at the start. On a real cell, where
-    streams arrive on their own clocks, ``ObservationAligner`` builds the same rows by time."""
+    after the last: ``horizon`` rows ``stride`` pushes apart, the newest last, edge-padded at the
+    start. On a real cell, where streams arrive on their own clocks, ``ObservationAligner`` builds
+    the same rows by time."""
 
-    def __init__(self, horizon: int) -> None:
-        if horizon < 1:
-            raise ValueError("observation horizon must be >= 1")
-        self.horizon = horizon
+    def __init__(self, horizon: int, stride: int = 1) -> None:
+        if horizon < 1 or stride < 1:
+            raise ValueError(f"observation horizon and stride must be >= 1, got {horizon} and {stride}")
+        self.horizon, self.stride = horizon, stride
         self._items: list[Observation] = []
 
     def reset(self) -> None:
@@ -470,8 +491,10 @@ class ObservationHistory:
     def push(self, obs: Observation) -> Observation:
         """Add the newest single-step observation and return the stacked one."""
         self._items.append(obs)
-        del self._items[: -self.horizon]
-        items = [self._items[0]] * (self.horizon - len(self._items)) + self._items
+        span = (self.horizon - 1) * self.stride + 1  # pushes the oldest row reaches back over
+        del self._items[:-span]
+        padded = [self._items[0]] * (span - len(self._items)) + self._items
+        items = padded[:: self.stride]  # (O,), oldest first; the last is the newest push
         state = np.stack([np.asarray(o.state).reshape(-1) for o in items])
         images = {k: np.stack([o.images[k] for o in items]) for k in obs.images}
         env = None

@@ -138,7 +138,12 @@ class StateEncoder(nn.Module):
 
 
 class VisualEncoder(nn.Module):
-    """Per-camera ResNet trunk + spatial softmax, concatenated with proprioception -> (B, out_dim)."""
+    """Per-camera ResNet trunk + spatial softmax, concatenated with proprioception -> (B, out_dim).
+
+    The cameras are encoded at the newest row only; the state at all O rows (``obs_horizon``, spaced
+    ``obs_stride`` control periods apart). A proprioceptive history costs nothing, a second frame per
+    camera doubles the trunks' work, and what the history must tell (was the gripper open a moment
+    ago?) the state says exactly."""
 
     def __init__(self, cfg: EncoderConfig) -> None:
         super().__init__()
@@ -215,7 +220,8 @@ class VisualEncoder(nn.Module):
     def forward(self, batch: dict) -> torch.Tensor:
         state = batch["state"]  # (B, O, S)
         B = state.shape[0]
-        feats = [self.keypoints(cam, batch["images"][cam]).view(B, -1) for cam in self.cameras]
+        # (B, 1, H, W, 3) per camera: the newest frame -> (B, 2K) keypoints
+        feats = [self.keypoints(cam, batch["images"][cam][:, -1:]).view(B, -1) for cam in self.cameras]
         feats.append(state.flatten(1))
         emb = self.fuse(torch.cat(feats, dim=-1))  # (B, out_dim)
         return emb if self.task is None else self.task(emb, batch)

@@ -112,6 +112,8 @@ def observation_spec(config: Any, state_names: list[str] | None = None) -> dict[
         "image_size": list(config.encoder.image_size) if cams else None,
         "image_format": "uint8 RGB, (obs_horizon, H, W, 3), oldest first" if cams else None,
     }
+    if c.get("obs_stride", 1) != 1:  # rows at t - (obs_horizon - 1 - i) * obs_stride * dt
+        spec["obs_stride"] = c["obs_stride"]
     if c.get("tasks"):  # a multi-task model: the graph input "task" (B,) int64 indexes this list
         spec["tasks"] = list(c["tasks"])
     return spec

@@ -95,7 +95,7 @@ class PolicyNode(Node):
         self._decisions = Periodic(period, self._decide, "decide", self._decide_error).start()
         self.get_logger().info(
             f"policy {get('model')} (cameras {list(policy.cameras) or 'none'}, obs horizon "
-            f"{policy.obs_horizon}), a decision every {period:.2f} s"
+            f"{policy.obs_horizon}, {policy.obs_stride * dt:.1f} s apart), a decision every {period:.2f} s"
         )
 
     def _push(self, fn, *args) -> None:

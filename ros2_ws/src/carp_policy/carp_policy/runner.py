@@ -80,13 +80,17 @@ class PolicyRunner:
         contract = policy.contract
         cfg = config or AlignerConfig()
         cfg = AlignerConfig(horizon=int(contract["obs_horizon"]), dt=float(contract["dt"]),
+                            stride=int(contract.get("obs_stride", 1)),  # manifests before it: 1
                             max_age=cfg.max_age, max_skew=cfg.max_skew)  # fmt: skip
         self.contract = contract
         env_state_dim = len(contract.get("env_state_names") or [])
         self.policy, self.config, self.clock = policy, cfg, clock
-        capacity = max(64, 4 * cfg.horizon)
+        # Every buffer holds twice the span the oldest row looks back over, at the fastest rate its
+        # stream comes at (cameras and the gripper up to 60 Hz, the robot state up to 500 Hz).
+        span_s = (cfg.horizon - 1) * cfg.stride * cfg.dt
+        capacity = max(64, int(np.ceil(2 * span_s * 60)))
         self.streams: dict[str, StreamBuffer] = {
-            TCP_STREAM: StreamBuffer(TCP_STREAM, capacity * 8),  # the robot state comes at up to 500 Hz
+            TCP_STREAM: StreamBuffer(TCP_STREAM, max(512, int(np.ceil(2 * span_s * 500)))),
             GRIPPER_STREAM: StreamBuffer(GRIPPER_STREAM, capacity),
         }
         for cam in policy.cameras:

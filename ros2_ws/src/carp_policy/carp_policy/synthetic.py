@@ -146,8 +146,10 @@ class SyntheticWindows(Dataset):
         obs_horizon: int,
         action_horizon: int = 16,
         cameras: list[str] | tuple[str, ...] = (),
+        obs_stride: int = 1,
     ) -> None:
         self.ds, self.O, self.H, self.cameras = ds, obs_horizon, action_horizon, list(cameras)
+        self.stride = obs_stride
         self.index = [(int(e), f) for e in episodes for f in range(len(ds.episode(int(e))["state"]))]
 
     def __len__(self) -> int:
@@ -157,7 +159,7 @@ class SyntheticWindows(Dataset):
         e, f = self.index[i]
         ep = self.ds.episode(e)
         T = len(ep["state"])
-        obs_t = np.clip(np.arange(f - self.O + 1, f + 1), 0, T - 1)
+        obs_t = np.clip(f - self.stride * np.arange(self.O - 1, -1, -1), 0, T - 1)
         act_t = np.clip(np.arange(f, f + self.H), 0, T - 1)
         return {
             "state": ep["state"][obs_t],

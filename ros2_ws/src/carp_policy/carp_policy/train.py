@@ -115,8 +115,9 @@ def open_dataset(
         train_idx += [pos[i] for i in tr]
         val_idx += [pos[i] for i in va]
     H = cfg.window  # the chunk, or a family's longer span (policies/base.py)
-    train = windows(ds, train_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
-    val = windows(ds, val_idx, obs_horizon=enc.obs_horizon, action_horizon=H, cameras=cams)
+    O, stride = enc.obs_horizon, enc.obs_stride
+    train = windows(ds, train_idx, obs_horizon=O, action_horizon=H, cameras=cams, obs_stride=stride)
+    val = windows(ds, val_idx, obs_horizon=O, action_horizon=H, cameras=cams, obs_stride=stride)
     actions_only = windows(ds, train_idx, obs_horizon=1, action_horizon=H, cameras=[])
     vectors = [ds.vectors(i) for i in train_idx]  # the validation episodes stay unseen
     normalizer = Normalizer.fit(

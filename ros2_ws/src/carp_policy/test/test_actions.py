@@ -91,6 +91,17 @@ def test_observation_history_pads_with_first_and_keeps_last():
     assert s.images["wrist"][:, 0, 0, 0].tolist() == [2, 3]
 
 
+
+def test_observation_history_with_a_stride_spaces_its_rows_and_pads_the_start():
+    hist = ObservationHistory(3, stride=2)  # rows at pushes n-4, n-2 and n
+    obs = [Observation(state=np.full(10, float(i)), timestamp=0.1 * i) for i in range(7)]
+    rows = [hist.push(o).state[:, 0].tolist() for o in obs]
+    assert rows[0] == [0.0, 0.0, 0.0] and rows[1] == [0.0, 0.0, 1.0] and rows[3] == [0.0, 1.0, 3.0]
+    assert rows[4] == [0.0, 2.0, 4.0] and rows[6] == [2.0, 4.0, 6.0]
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        ObservationHistory(2, stride=0)
+
+
 EPOCH = 1.8e9  # wall-clock sized times: the aligner must not lose precision on them
 
 
@@ -127,6 +138,28 @@ def test_aligner_takes_the_latest_sample_at_or_before_each_row_time():
     assert info.skew == pytest.approx(obs.stamps["tcp"][-1] - obs.stamps["wrist"][-1], abs=1e-6)
     # default decision time: the newest capture time of any stream
     assert al.build()[0].timestamp == pytest.approx(EPOCH + 0.998, abs=1e-6)
+
+
+def test_aligner_with_a_stride_looks_stride_periods_back():
+    tcp, grip, wrist, _ = _streams()
+    cfg = AlignerConfig(horizon=2, stride=6)  # rows 0.6 s apart
+    obs, _ = ObservationAligner([tcp, grip], {"wrist": wrist}, config=cfg).build(EPOCH + 0.95)
+    np.testing.assert_allclose(obs.state[:, 0], [0.35, 0.95], atol=1e-6)
+    assert obs.images["wrist"][:, 0, 0, 0].tolist() == [10, 28]  # frames at 0.3333 s and 0.9333 s
+
+
+def test_aligner_refuses_a_row_older_than_the_buffer_holds():
+    tcp = StreamBuffer("tcp", 100)  # 0.2 s at 500 Hz: it has let go of the first 0.8 s
+    for i in range(500):
+        tcp.push(EPOCH + i * 0.002, np.full(10, float(i)))
+    with pytest.raises(StaleObservationError, match=r"'tcp' holds 0.20 s of history.*0.60 s back") as e:
+        ObservationAligner([tcp], config=AlignerConfig(horizon=2, stride=6)).build(EPOCH + 0.998)
+    assert e.value.reason == "history"
+    # a buffer that never dropped a sample pads instead: the episode just began
+    young = StreamBuffer("tcp", 100)
+    young.push(EPOCH, np.zeros(10))
+    obs, _ = ObservationAligner([young], config=AlignerConfig(horizon=2, stride=6)).build(EPOCH)
+    assert obs.state.shape == (2, 10)
 
 
 def test_aligner_edge_pads_before_the_first_sample():

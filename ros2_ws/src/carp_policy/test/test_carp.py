@@ -176,6 +176,36 @@ def test_trunk_stages_picks_the_keypoint_maps_resolution():
         EncoderConfig(kind="visual", trunk_stages=5)
 
 
+def test_visual_encoder_reads_a_state_history_and_the_newest_frame():
+    """obs_horizon 2 on a visual encoder: both state rows reach the embedding, only the newest frame
+    of each camera does (a second frame would double the trunks' work for nothing the state lacks)."""
+    from carp_policy.encoders import VisualEncoder
+
+    cfg = tiny_config("visual").encoder
+    cfg.obs_horizon, cfg.obs_stride = 2, 8
+    torch.manual_seed(0)
+    enc = VisualEncoder(cfg).eval()
+    rng = np.random.default_rng(0)
+    images = {
+        c: torch.from_numpy(rng.integers(0, 255, (3, 2, 120, 160, 3), dtype=np.uint8)) for c in cfg.cameras
+    }
+    state = torch.randn(3, 2, 10)
+    with torch.no_grad():
+        emb = enc({"state": state, "images": images})
+        older_frame = {c: v.clone() for c, v in images.items()}
+        older_frame["wrist"][:, 0] = 0
+        older_state = state.clone()
+        older_state[:, 0, 9] += 1.0  # the gripper 0.8 s ago
+        newest_frame = {c: v.clone() for c, v in images.items()}
+        newest_frame["wrist"][:, 1] = 0
+        assert emb.shape == (3, 32)
+        assert torch.equal(enc({"state": state, "images": older_frame}), emb)
+        assert not torch.allclose(enc({"state": older_state, "images": images}), emb)
+        assert not torch.allclose(enc({"state": state, "images": newest_frame}), emb)
+    with pytest.raises(ValueError, match="obs_stride must be >= 1"):
+        EncoderConfig(obs_stride=0)
+
+
 def test_visual_crop_is_random_in_training_and_centered_at_eval():
     m = _model("visual")
     img = torch.arange(2 * 3 * 120 * 160, dtype=torch.float32).view(2, 3, 120, 160)

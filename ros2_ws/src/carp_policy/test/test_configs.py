@@ -25,6 +25,7 @@ NEW_FIELDS = {"task", "dt", "execute_steps", "family"}  # the contract fields ad
 # fields added after the golden was taken (tested where they act)
 NEW_LEAVES = {
     "encoder.color_jitter",
+    "encoder.obs_stride",
     "encoder.tasks",
     "encoder.trunk_stages",
     "transformer.aux_weight",

@@ -211,6 +211,10 @@ def test_windows_edge_padded(recorded: tuple[Path, list[dict]]) -> None:
         mid["action"], eps[2]["action"][np.minimum(np.arange(5, 21), 14)].astype(np.float32)
     )
     assert mid["images"]["scene"].shape == (2, H, W, 3)
+    # a stride spaces the rows as ObservationHistory does at run time, edge-padded at the start
+    strided = WindowDataset(ds, [1, 2], obs_horizon=2, action_horizon=16, obs_stride=3)
+    np.testing.assert_array_equal(strided[7 + 5]["state"], eps[2]["state"][[2, 5]].astype(np.float32))
+    np.testing.assert_array_equal(strided[7 + 2]["images"]["wrist"], ds.episode(2).images["wrist"][[0, 2]])
     state_only = WindowDataset(EpisodeDataset(root, cameras=[]), None, obs_horizon=1, action_horizon=4)
     assert len(state_only) == 34 and state_only[33]["images"] == {}
 

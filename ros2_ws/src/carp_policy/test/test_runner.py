@@ -47,6 +47,44 @@ def test_runner_chunks_equal_the_policy_on_the_same_history(cup_policy):
     assert s["chunks"] == 3 and s["refused"] == 0 and s["inference_ms_p50"] > 0
 
 
+class _Strided:
+    """The cup model's network behind a contract whose rows are ``stride`` periods apart; keeps
+    what it was given."""
+
+    def __init__(self, policy, stride: int) -> None:
+        self.policy, self.obs_horizon, self.obs_stride = policy, policy.obs_horizon, stride
+        self.cameras, self.contract = (), {**policy.contract, "obs_stride": stride}
+        self.seen = []
+
+    def reset(self) -> None:
+        self.policy.reset()
+
+    def predict(self, obs):
+        self.seen.append(obs)
+        return self.policy.predict(obs)
+
+
+def test_runner_rebuilds_a_strided_history_as_the_evaluation_does(cup_policy):
+    """A model whose rows are 3 periods apart: the aligner (a cell's path, by time) and the
+    ObservationHistory (the twin's, by push) give the policy the same rows, 0.3 s apart."""
+    from carp_sim.env import SimCell, SimConfig
+
+    policy = _Strided(cup_policy, 3)
+    runner = PolicyRunner(policy)
+    assert runner.config.stride == 3 and runner.streams["tcp"].capacity >= 512
+    hist = ObservationHistory(policy.obs_horizon, policy.obs_stride)
+    with SimCell("cup", SimConfig(render=False)) as cell:
+        obs = cell.reset(10_000)
+        for _ in range(6):
+            _feed(runner, obs)
+            stacked = hist.push(obs)
+            chunk, why = runner.decide(now=obs.timestamp)
+            assert why == ""
+            np.testing.assert_array_equal(policy.seen[-1].state, stacked.state)
+            obs = cell.step(chunk.actions[0])
+    np.testing.assert_allclose(np.diff(policy.seen[-1].stamps["tcp"]), 0.3, atol=1e-9)
+
+
 def test_runner_refuses_stale_and_missing_streams_and_counts_them(cup_policy):
     runner = PolicyRunner(cup_policy, AlignerConfig(max_age=0.1))
     chunk, why = runner.decide(now=1.0)

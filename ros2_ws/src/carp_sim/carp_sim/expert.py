@@ -60,6 +60,7 @@ class ScriptedExpert:
     """Waypoint expert for the cup and bowl tasks; implements ``carp_policy.actions.Policy``."""
 
     obs_horizon = 1
+    obs_stride = 1
     cameras: tuple[str, ...] = ()
 
     def __init__(self, env: SimCell, seed: int, horizon: int = CHUNK_HORIZON, variety: str = "task") -> None:

@@ -168,6 +168,7 @@ class Recorder:
                 env_state=[env_buffer] if env_buffer is not None else [],
                 config=AlignerConfig(
                     horizon=policy.obs_horizon,
+                    stride=policy.obs_stride,
                     dt=1.0 / config.fps,
                     max_age=config.max_frame_age,
                     max_skew=config.max_skew,

@@ -148,6 +148,7 @@ class SideStepPolicy:
     """Moves the TCP 1 cm along +y per step from the observed pose (sees the wrist camera)."""
 
     obs_horizon = 1
+    obs_stride = 1
     cameras = ("wrist",)
 
     def __init__(self) -> None:

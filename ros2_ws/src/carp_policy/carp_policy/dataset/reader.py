@@ -528,9 +528,14 @@ class WindowDataset:
         obs_horizon: int,
         action_horizon: int = 16,
         cameras: list[str] | None = None,
+        obs_stride: int = 1,
     ) -> None:
-        if obs_horizon < 1 or action_horizon < 1:
-            raise ValueError(f"horizons must be >= 1, got obs {obs_horizon}, action {action_horizon}")
+        if obs_horizon < 1 or action_horizon < 1 or obs_stride < 1:
+            raise ValueError(
+                f"horizons and stride must be >= 1, got obs {obs_horizon}, action {action_horizon}, "
+                f"stride {obs_stride}"
+            )
+        self.obs_stride = obs_stride
         self.dataset = dataset
         self.episodes = list(range(len(dataset)) if episode_indices is None else episode_indices)
         self.obs_horizon, self.action_horizon = obs_horizon, action_horizon
@@ -553,7 +558,8 @@ class WindowDataset:
         e, t = int(self._ep[i]), int(self._t[i])
         v = self.dataset.vectors(e)
         n = len(v["state"])
-        obs = np.clip(np.arange(t - self.obs_horizon + 1, t + 1), 0, None)  # (O,) edge-padded at the start
+        # (O,) frames t - (O - 1 - i) * stride, edge-padded at the start (as ObservationHistory does)
+        obs = np.clip(t - self.obs_stride * np.arange(self.obs_horizon - 1, -1, -1), 0, None)
         act = np.clip(np.arange(t, t + self.action_horizon), None, n - 1)  # (H,) edge-padded at the end
         images = {}
         if self.cameras:

@@ -37,7 +37,15 @@ class EncoderConfig:
     """Observation encoder: ``state`` (MLP) or ``visual`` (ResNet-18 per camera + proprioception)."""
 
     kind: str = "state"  # "state" | "visual"
-    obs_horizon: int = 2  # O: observation steps the policy sees
+    # O: observation steps the policy sees. A visual encoder reads the state at all O rows and each
+    # camera at the newest row only (encoders.VisualEncoder): a proprioceptive history.
+    obs_horizon: int = 2
+    # Control periods between those steps: rows at t - (O - 1 - i) * obs_stride * dt. 1 = consecutive
+    # frames. A longer look back tells apart moments the last 0.1 s cannot: on the cup task, closing
+    # on the cup and letting go of it look the same up to 0.4 s back (benchmarks/grasp_confusion.py
+    # --data); 0.6 s and more back the gripper was open before the grasp and closed before the
+    # release. Costs nothing at inference: the network still sees O rows.
+    obs_stride: int = 1
     state_dim: int = 10  # robot state: [x, y, z, r6d(6), gripper]
     env_state_dim: int = 0  # environment state appended to it (object poses; the twin measures them)
     cameras: tuple[str, ...] = ()  # visual only, e.g. ("wrist", "scene")
@@ -63,6 +71,11 @@ class EncoderConfig:
     tasks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.obs_horizon < 1 or self.obs_stride < 1:
+            raise ValueError(
+                f"encoder.obs_horizon and encoder.obs_stride must be >= 1, got {self.obs_horizon} and "
+                f"{self.obs_stride}"
+            )
         if self.trunk_stages not in (3, 4):
             raise ValueError(f"encoder.trunk_stages must be 3 or 4, got {self.trunk_stages}")
 
@@ -243,6 +256,8 @@ class PolicyConfig:
             "env_state_names": env_names,
             "cameras": {c: list(enc.image_size) for c in enc.used_cameras},
         }
+        if enc.obs_stride != 1:  # control periods between observation rows (absent: 1, consecutive)
+            out["obs_stride"] = enc.obs_stride
         if enc.tasks:  # a multi-task model: the tasks a node may select (single-task contracts lack it)
             out["tasks"] = list(enc.tasks)
         return out

@@ -31,6 +31,7 @@ class ShiftEnsemble:
             raise ValueError("a shift ensemble needs frame: absolute (relative positions do not move)")
         self.policy, self.config = policy, config
         self.obs_horizon: int = policy.obs_horizon
+        self.obs_stride: int = policy.obs_stride
         self.cameras: tuple[str, ...] = tuple(policy.cameras)
         self.offsets = np.asarray(config.offsets(), dtype=np.float64)  # (K, 2) metres
 

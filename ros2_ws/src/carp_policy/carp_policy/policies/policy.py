@@ -49,6 +49,7 @@ class ChunkPolicy:
         enc = config.encoder
         self.config, self.normalizer, self.runner = config, normalizer, runner
         self.obs_horizon: int = enc.obs_horizon
+        self.obs_stride: int = enc.obs_stride
         self.cameras: tuple[str, ...] = enc.used_cameras
         self.processor = PolicyProcessor(
             normalizer,
