@@ -285,7 +285,7 @@ def test_shift_ensemble_undoes_the_shift_for_an_equivariant_policy():
              "object_up_x", "object_up_y", "object_up_z", "target_x", "target_y"]  # fmt: skip
 
     class ReachThenCarry:
-        obs_horizon, cameras = 2, ()
+        obs_horizon, obs_stride, cameras = 2, 1, ()
         normalizer = Normalizer(-np.ones(18), np.ones(18), -np.ones(10), np.ones(10), names)
 
         def reset(self) -> None:
