@@ -324,6 +324,7 @@ class StreamBuffer:
 
     @property
     def capacity(self) -> int:
+        """Most samples the ring keeps."""
         return self._items.maxlen or 0
 
     def clear(self) -> None:

@@ -24,25 +24,33 @@ def _feed(runner: PolicyRunner, obs) -> None:
     runner.push_env_state(t, obs.env_state)
 
 
-def test_runner_chunks_equal_the_policy_on_the_same_history(cup_policy):
-    """Fed the twin's synchronous samples, the aligner rebuilds exactly the history the evaluation
-    stacks, so the runner's chunk is the policy's chunk, stamped with the observation time."""
+def _twin_decisions(runner: PolicyRunner, hist: ObservationHistory, steps: int):
+    """Drive the twin one control period per decision, feeding the runner's streams and the
+    evaluation's history the same samples: yields (the history's stacked observation, the
+    runner's chunk); the runner must not refuse any."""
     from carp_sim.env import SimCell, SimConfig
 
-    runner = PolicyRunner(cup_policy)
-    hist = ObservationHistory(cup_policy.obs_horizon)
     with SimCell("cup", SimConfig(render=False)) as cell:
         obs = cell.reset(10_000)
-        for k in range(3):
+        for _ in range(steps):
             _feed(runner, obs)
             stacked = hist.push(obs)
             chunk, why = runner.decide(now=obs.timestamp)
             assert why == "" and chunk is not None
-            want = cup_policy.predict(stacked)
-            np.testing.assert_array_equal(chunk.actions, want.actions)
-            assert chunk.timestamp == obs.timestamp and chunk.dt == cup_policy.contract["dt"] == 0.1
+            yield stacked, chunk
             obs = cell.step(chunk.actions[0])
-            assert k < 1 or runner.stats.chunks == k + 1
+
+
+def test_runner_chunks_equal_the_policy_on_the_same_history(cup_policy):
+    """Fed the twin's synchronous samples, the aligner rebuilds exactly the history the evaluation
+    stacks, so the runner's chunk is the policy's chunk, stamped with the observation time."""
+    runner = PolicyRunner(cup_policy)
+    hist = ObservationHistory(cup_policy.obs_horizon)
+    for k, (stacked, chunk) in enumerate(_twin_decisions(runner, hist, 3)):
+        want = cup_policy.predict(stacked)
+        np.testing.assert_array_equal(chunk.actions, want.actions)
+        assert chunk.timestamp == stacked.timestamp and chunk.dt == cup_policy.contract["dt"] == 0.1
+        assert runner.stats.chunks == k + 1
     s = runner.stats.summary()
     assert s["chunks"] == 3 and s["refused"] == 0 and s["inference_ms_p50"] > 0
 
@@ -67,21 +75,12 @@ class _Strided:
 def test_runner_rebuilds_a_strided_history_as_the_evaluation_does(cup_policy):
     """A model whose rows are 3 periods apart: the aligner (a cell's path, by time) and the
     ObservationHistory (the twin's, by push) give the policy the same rows, 0.3 s apart."""
-    from carp_sim.env import SimCell, SimConfig
-
     policy = _Strided(cup_policy, 3)
     runner = PolicyRunner(policy)
     assert runner.config.stride == 3 and runner.streams["tcp"].capacity >= 512
     hist = ObservationHistory(policy.obs_horizon, policy.obs_stride)
-    with SimCell("cup", SimConfig(render=False)) as cell:
-        obs = cell.reset(10_000)
-        for _ in range(6):
-            _feed(runner, obs)
-            stacked = hist.push(obs)
-            chunk, why = runner.decide(now=obs.timestamp)
-            assert why == ""
-            np.testing.assert_array_equal(policy.seen[-1].state, stacked.state)
-            obs = cell.step(chunk.actions[0])
+    for stacked, _ in _twin_decisions(runner, hist, 6):
+        np.testing.assert_array_equal(policy.seen[-1].state, stacked.state)
     np.testing.assert_allclose(np.diff(policy.seen[-1].stamps["tcp"]), 0.3, atol=1e-9)
 
 

@@ -61,7 +61,7 @@ class RealSenseCamera(ThreadedCamera):
         self.config = config
         self.rs = rs or _import_rs()
         self.depth_buffer = (
-            StreamBuffer(f"{name}_depth", self.buffer._items.maxlen or 64) if config.depth else None
+            StreamBuffer(f"{name}_depth", self.buffer.capacity) if config.depth else None
         )
         self._pipe = None
         self._align = None
